@@ -1,0 +1,1 @@
+"""Layer 11: the ``cryoprior`` command. One module per subcommand, each thin."""
