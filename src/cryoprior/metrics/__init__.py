@@ -1,1 +1,27 @@
-"""cryoprior.metrics"""
+"""cryoprior.metrics: FSC/FRC and resolution, correlation, structure and image metrics."""
+
+from cryoprior.metrics.correlation import masked_correlation
+from cryoprior.metrics.fsc import (
+    FSCResult,
+    fsc,
+    plot_fsc,
+    resolution_from_curve,
+    spherical_mask,
+)
+from cryoprior.metrics.images import psnr, rotation_invariant_error, ssim
+from cryoprior.metrics.structure import kabsch_rmsd, radius_of_gyration, rmsd
+
+__all__ = [
+    "FSCResult",
+    "fsc",
+    "kabsch_rmsd",
+    "masked_correlation",
+    "plot_fsc",
+    "psnr",
+    "radius_of_gyration",
+    "resolution_from_curve",
+    "rmsd",
+    "rotation_invariant_error",
+    "spherical_mask",
+    "ssim",
+]
