@@ -20,6 +20,8 @@ COMMANDS: list[tuple[str, str]] = [
     ("simulate", "cryoprior.cli.simulate"),
     ("reconstruct", "cryoprior.cli.reconstruct"),
     ("fsc", "cryoprior.cli.fsc"),
+    ("train", "cryoprior.cli.train"),
+    ("sample", "cryoprior.cli.sample"),
     ("data", "cryoprior.cli.data"),
 ]
 
@@ -36,8 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in COMMANDS:
         module = importlib.import_module(module_name)
         doc = (module.__doc__ or "").strip()
-        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else "", description=doc,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=doc.splitlines()[0] if doc else "",
+            description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_args(p)
         p.set_defaults(_main=module.main)
     return parser

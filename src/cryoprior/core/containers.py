@@ -22,7 +22,7 @@ class Volume:
 
     def __post_init__(self) -> None:
         if self.data.ndim != 3:
-            raise ValueError(f"Volume data must be 3-D [z, y, x], got shape {tuple(self.data.shape)}")
+            raise ValueError(f"Volume data must be 3-D [z, y, x], got {tuple(self.data.shape)}")
         require_positive(self.pixel_size, "pixel size (Å/px)")
 
     @property
@@ -44,7 +44,7 @@ class ImageStack:
 
     def __post_init__(self) -> None:
         if self.data.ndim != 3:
-            raise ValueError(f"ImageStack data must be 3-D [n, y, x], got shape {tuple(self.data.shape)}")
+            raise ValueError(f"ImageStack data must be 3-D [n, y, x], got {tuple(self.data.shape)}")
         require_positive(self.pixel_size, "pixel size (Å/px)")
 
     def __len__(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TypeVar
 
 import numpy as np
@@ -16,7 +16,7 @@ T = TypeVar("T")
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; return a torch Generator seeded with ``seed``."""
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 -- seeds legacy global users too
     torch.manual_seed(seed)
     g = torch.Generator()
     g.manual_seed(seed)
@@ -29,13 +29,16 @@ def set_threads(n: int | None) -> None:
         torch.set_num_threads(int(n))
 
 
-def progress(it: Iterable[T], total: int | None = None, desc: str = "",
-             enabled: bool = True) -> Iterator[T]:
-    """Wrap ``it`` in a tqdm progress bar on stderr (silent when ``enabled`` is False)."""
+def progress(
+    it: Iterable[T], total: int | None = None, desc: str = "", enabled: bool = True
+) -> Iterable[T]:
+    """``it`` wrapped in a tqdm progress bar on stderr, or ``it`` itself when not enabled.
+
+    The tqdm object is returned, so callers may use ``set_postfix`` on it (guard with
+    ``hasattr``: a disabled bar is the plain iterable).
+    """
     if not enabled:
-        yield from it
-        return
+        return it
     from tqdm.auto import tqdm
 
-    yield from tqdm(it, total=total, desc=desc, file=sys.stderr, dynamic_ncols=True,
-                    mininterval=0.5)
+    return tqdm(it, total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)

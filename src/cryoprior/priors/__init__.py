@@ -1,1 +1,20 @@
-"""cryoprior.priors"""
+"""Layer 7: trained priors: denoiser + normalisation + physical metadata, saved as
+safetensors weights and JSON (never pickle)."""
+
+from cryoprior.priors.io import load_prior, read_prior_metadata, save_prior
+from cryoprior.priors.prior import (
+    Prior,
+    PriorMetadata,
+    build_denoiser,
+    denoiser_config,
+)
+
+__all__ = [
+    "Prior",
+    "PriorMetadata",
+    "build_denoiser",
+    "denoiser_config",
+    "load_prior",
+    "read_prior_metadata",
+    "save_prior",
+]

