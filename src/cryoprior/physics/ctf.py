@@ -130,7 +130,7 @@ class CTFParams:
                 if name in ("phase_shift", "bfactor"):
                     continue
                 raise InputError(f"particles have no '{name}' values, needed for the CTF")
-            v = torch.as_tensor(np.asarray(v, dtype=np.float64))
+            v = torch.as_tensor(np.array(v, dtype=np.float64))  # a copy: inputs may be read-only
             if degrees and name in ("defocus_angle", "phase_shift"):
                 v = torch.deg2rad(v)
             values[name] = v

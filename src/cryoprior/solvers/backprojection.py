@@ -1,0 +1,478 @@
+"""Baseline reconstruction: Wiener-filtered direct Fourier inversion with known poses.
+
+Each image is zero-padded to Dp = round(pad · D), Fourier transformed, multiplied by its
+CTF and inserted as a central slice into a padded 3-D grid (the Fourier slice theorem);
+the CTF² weights are inserted with the same kernel. The estimate is the Wiener filter
+
+    V̂(k) = Σᵢ CTFᵢ(k) F̂ᵢ(k) / (Σᵢ CTFᵢ(k)² + 1 / SSNR(|k|))
+
+(e.g. Penczek 2010, Methods Enzymol. 482:1, eq. 43; Scheres 2012, J. Struct. Biol.
+180:519, eq. 16 without the iterative terms), followed by the inverse 3-D FT, the gridding
+correction for the interpolation kernel and a crop to D³.
+
+CTFs are used on the padded slice grid (frequency step 1/(Dp · pixel size)). They can be
+given three ways (``ctf`` argument):
+
+- ``None``: no CTF (CTF = 1);
+- a callable ``ctf(indices, shape) -> (n, Dp, Dp)``: the real, centred CTFs of the images
+  ``indices`` (a long tensor) evaluated on a grid of ``shape`` = (Dp, Dp). This is exact;
+  with ``physics.ctf.compute_ctf(params, shape, pixel_size)`` it is
+  ``lambda idx, shape: compute_ctf(params[idx], shape, pixel_size)`` (for parameters
+  that index by image);
+- a real tensor (N, Dp, Dp) (already on the padded grid), or (N, D, D) on the image's own
+  grid, which is resampled bilinearly onto the padded frequencies (approximate at high
+  frequency, where the CTF oscillates quickly: prefer the callable).
+
+Only one chunk of images, their spectra and interpolation plan are in memory at a time;
+the main cost is the padded grids (a complex and a real Dp³ grid per reconstruction).
+:func:`reconstruct_source` streams a particle set from disk in batches and can set a
+per-shell SSNR from the FSC of its half maps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cryoprior.core.errors import require
+from cryoprior.core.runtime import progress
+from cryoprior.core.tensors import complex_dtype
+from cryoprior.geometry.fft import ifft3_c
+from cryoprior.metrics.fsc import FSCResult, fsc
+from cryoprior.physics.ctf import compute_ctf
+from cryoprior.physics.fourier_slice import (
+    Kernel,
+    check_kernel,
+    check_rotations,
+    flip_centred,
+    full_to_half,
+    gridding_correction,
+    insert_slices,
+    rfft2_c,
+)
+from cryoprior.physics.projection import crop_centred, pad_centred, padded_size
+
+if TYPE_CHECKING:
+    from cryoprior.physics.source import ParticleBatch, ParticleSource
+
+CTFSource = torch.Tensor | Callable[[torch.Tensor, tuple[int, int]], torch.Tensor] | None
+
+# Padded image pixels per chunk (a chunk's spectra, CTFs and plan stay well under 1 GB).
+_PIXELS_PER_CHUNK = 2**22
+
+
+class HalfMaps(NamedTuple):
+    """Result of :func:`half_map_reconstruct`: maps (D, D, D) and the image split."""
+
+    full: torch.Tensor
+    half1: torch.Tensor
+    half2: torch.Tensor
+    split: tuple[torch.Tensor, torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------
+# inputs
+
+
+def _check_inputs(
+    images: torch.Tensor, rotations: torch.Tensor, ctf: CTFSource, pad: float, kernel: str
+) -> int:
+    require(
+        isinstance(images, torch.Tensor)
+        and images.ndim == 3
+        and images.shape[-1] == images.shape[-2]
+        and images.is_floating_point(),
+        f"images must be a real (N, D, D) tensor, got {tuple(getattr(images, 'shape', ()))}",
+    )
+    check_rotations(rotations)
+    require(
+        images.shape[0] == rotations.shape[0],
+        f"got {images.shape[0]} images but {rotations.shape[0]} rotations",
+    )
+    require(images.shape[0] > 0, "no images to reconstruct from")
+    check_kernel(kernel)
+    size = images.shape[-1]
+    dp = padded_size(size, pad)
+    if isinstance(ctf, torch.Tensor):
+        n = images.shape[0]
+        require(
+            ctf.shape in ((n, size, size), (n, dp, dp)) and not ctf.is_complex(),
+            f"a CTF tensor must be real with shape {(n, size, size)} (image grid) or "
+            f"{(n, dp, dp)} (padded grid), got {tuple(ctf.shape)}",
+        )
+    else:
+        require(
+            ctf is None or callable(ctf),
+            "ctf must be None, a tensor of CTFs, or a callable ctf(indices, shape)",
+        )
+    return dp
+
+
+def _resample_centred(ctf: torch.Tensor, dp: int) -> torch.Tensor:
+    """Bilinear resampling of centred (n, D, D) spectra onto the centred (n, Dp, Dp) grid.
+
+    Padded index j has frequency (j - Dp//2)/Dp cycles/px, i.e. image-grid index
+    D//2 + (j - Dp//2)·D/Dp; beyond the image grid's edge the edge value is used.
+    """
+    size = ctf.shape[-1]
+    j = torch.arange(dp, dtype=ctf.dtype, device=ctf.device) - dp // 2
+    u = (size // 2 + j * size / dp) * (2.0 / max(size - 1, 1)) - 1.0
+    gy, gx = torch.meshgrid(u, u, indexing="ij")
+    grid = torch.stack([gx, gy], -1).expand(ctf.shape[0], dp, dp, 2)
+    out = F.grid_sample(
+        ctf.unsqueeze(1), grid, mode="bilinear", padding_mode="border", align_corners=True
+    )
+    return out.squeeze(1)
+
+
+def _ctf_chunk(
+    ctf: CTFSource, ids: torch.Tensor, size: int, dp: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """CTFs of images ``ids`` on the padded grid, half layout (n, Dp, Dp//2+1), or None."""
+    if ctf is None:
+        return None
+    if callable(ctf) and not isinstance(ctf, torch.Tensor):
+        full = ctf(ids, (dp, dp))
+        require(
+            isinstance(full, torch.Tensor)
+            and full.shape == (ids.shape[0], dp, dp)
+            and not full.is_complex(),
+            f"the ctf callable must return a real tensor of shape "
+            f"{(ids.shape[0], dp, dp)} for shape=({dp}, {dp}), got "
+            f"{tuple(getattr(full, 'shape', ()))}",
+        )
+    else:
+        full = ctf[ids.to(ctf.device)]
+        if full.shape[-1] != dp:
+            full = _resample_centred(full.to(dtype), dp)
+    return full_to_half(full.to(dtype=dtype, device=ids.device))
+
+
+def _inverse_ssnr(
+    snr: float | torch.Tensor, size: int, dp: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """1/SSNR on the padded grid (scalar, or (Dp, Dp, Dp) from per-shell values).
+
+    Shell s of the output map (frequency s / (D · pixel size)) holds the padded voxels
+    with round(|k| · D / Dp) = s; shells past the end of ``snr`` use its last value.
+    """
+    if not isinstance(snr, torch.Tensor) or snr.ndim == 0:
+        value = float(snr)
+        require(0 < value < float("inf"), f"snr must be a finite number > 0, got {value}")
+        return torch.tensor(1.0 / value, dtype=dtype, device=device)
+    require(
+        snr.ndim == 1
+        and snr.numel() > 0
+        and bool((snr >= 0).all())
+        and bool(torch.isfinite(snr).all()),
+        f"a per-shell snr must be a 1-D tensor of finite values >= 0 (0 drops a "
+        f"shell), got shape {tuple(snr.shape)}",
+    )
+    k = torch.arange(dp, dtype=torch.float64, device=device) - dp // 2
+    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    shell = torch.round(r * size / dp).long().clamp_(max=snr.numel() - 1)
+    return (1.0 / snr.to(device=device, dtype=torch.float64))[shell].to(dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# accumulation and the Wiener step
+
+
+def _accumulate(
+    images: torch.Tensor,
+    rotations: torch.Tensor,
+    ctf: CTFSource,
+    ids: torch.Tensor,
+    dp: int,
+    kernel: Kernel,
+    chunk_size: int | None,
+    grids: tuple[torch.Tensor, torch.Tensor],
+    show_progress: bool,
+) -> None:
+    """Insert CTF·F̂ (into grids[0]) and CTF² (into grids[1]) of images ``ids``.
+
+    Only the kx >= 0 half of each (Hermitian) spectrum is inserted, the kx = 0 column at
+    weight ½; :func:`_wiener` adds the mirrored half.
+    """
+    size = images.shape[-1]
+    real = images.dtype
+    chunk = chunk_size or max(1, _PIXELS_PER_CHUNK // (dp * dp))
+    starts = range(0, ids.shape[0], chunk)
+    for start in progress(starts, total=len(starts), desc="back-projecting", enabled=show_progress):
+        sel = ids[start : start + chunk]
+        spectra = rfft2_c(pad_centred(images[sel.to(images.device)], dp, 2))
+        c = _ctf_chunk(ctf, sel, size, dp, real)
+        if c is None:
+            weight = torch.ones(spectra.shape, dtype=real, device=spectra.device)
+        else:
+            spectra = spectra * c
+            weight = c * c
+        spectra[..., 0] *= 0.5
+        weight[..., 0] *= 0.5
+        insert_slices(
+            spectra,
+            rotations[sel.to(rotations.device)],
+            dp,
+            weight,
+            half=True,
+            kernel=kernel,
+            out=grids,
+        )
+
+
+def _complete(grids: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add the mirrored kx < 0 halves: G(k) + conj G(-k) and W(k) + W(-k)."""
+    numerator, weight = grids
+    dims = (0, 1, 2)
+    return (
+        numerator + torch.conj(flip_centred(numerator, dims)),
+        weight + flip_centred(weight, dims),
+    )
+
+
+def _solve(
+    completed: tuple[torch.Tensor, torch.Tensor], inv_ssnr: torch.Tensor, size: int, kernel: Kernel
+) -> torch.Tensor:
+    """Divide by CTF² + 1/SSNR, inverse 3-D FT, gridding correction, crop."""
+    numerator, weight = completed
+    dp = numerator.shape[-1]
+    estimate = numerator / (weight + inv_ssnr)
+    volume = crop_centred(ifft3_c(estimate).real, size, 3)
+    return volume / gridding_correction(size, dp, 3, kernel, volume.dtype, volume.device)
+
+
+def _wiener(
+    grids: tuple[torch.Tensor, torch.Tensor], inv_ssnr: torch.Tensor, size: int, kernel: Kernel
+) -> torch.Tensor:
+    """Complete the Hermitian halves, then :func:`_solve`."""
+    return _solve(_complete(grids), inv_ssnr, size, kernel)
+
+
+def _new_grids(
+    dp: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.zeros((dp,) * 3, dtype=complex_dtype(dtype), device=device),
+        torch.zeros((dp,) * 3, dtype=dtype, device=device),
+    )
+
+
+@torch.no_grad()
+def wiener_reconstruct(
+    images: torch.Tensor,
+    rotations: torch.Tensor,
+    ctf: CTFSource = None,
+    *,
+    pad: float = 2.0,
+    snr: float | torch.Tensor = 1.0,
+    kernel: Kernel = "linear",
+    chunk_size: int | None = None,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """Wiener-filtered Fourier reconstruction (D, D, D) from images with known poses.
+
+    Args:
+        images: real (N, D, D) particle images, centred (origin at D//2), already
+            re-centred for their shifts.
+        rotations: (N, 3, 3) poses (volume -> microscope frame), as for ``project``.
+        ctf: None, a callable ``ctf(indices, (Dp, Dp))``, or a tensor (see module notes).
+        pad: oversampling of the padded grids, Dp = round(pad · D).
+        snr: SSNR of one image's Fourier component (signal power / noise power at CTF = 1):
+            a number, or a 1-D tensor per Fourier shell of the output map (index s is
+            s / (D · pixel size) cycles/Å; 0 drops a shell). 1/SSNR is added to the CTF²
+            sums, so Fourier voxels covered by few images are shrunk towards 0: the
+            default 1.0 suits moderately noisy data; for clean data use a large value
+            (e.g. 100), for real data an SSNR estimated from half-map FSCs.
+        kernel: ``"linear"`` (trilinear, as RELION) or ``"cubic"`` (B-spline) insertion.
+        chunk_size: images per chunk (default: about 4 M padded pixels per chunk).
+        show_progress: show a progress bar.
+
+    Returns:
+        The map (D, D, D) in the units of ``project``'s images per voxel (so that
+        ``project(map)`` reproduces the images). float64 images give a float64 map.
+    """
+    dp = _check_inputs(images, rotations, ctf, pad, kernel)
+    grids = _new_grids(dp, images.dtype, images.device)
+    ids = torch.arange(images.shape[0], device=images.device)
+    _accumulate(images, rotations, ctf, ids, dp, kernel, chunk_size, grids, show_progress)
+    inv = _inverse_ssnr(snr, images.shape[-1], dp, images.dtype, images.device)
+    return _wiener(grids, inv, images.shape[-1], kernel)
+
+
+@torch.no_grad()
+def half_map_reconstruct(
+    images: torch.Tensor,
+    rotations: torch.Tensor,
+    ctf: CTFSource = None,
+    *,
+    pad: float = 2.0,
+    snr: float | torch.Tensor = 1.0,
+    seed: int = 0,
+    kernel: Kernel = "linear",
+    chunk_size: int | None = None,
+    show_progress: bool = False,
+) -> HalfMaps:
+    """Full map and two independent half maps from a random half split of the images.
+
+    The split is a random permutation from ``seed`` (first ⌊N/2⌋ images to half 1); each
+    image is inserted once, into its half's grids, and the full map uses their sums.
+    Arguments as in :func:`wiener_reconstruct`. Returns ``HalfMaps(full, half1, half2,
+    split=(indices1, indices2))`` with sorted index tensors.
+    """
+    dp = _check_inputs(images, rotations, ctf, pad, kernel)
+    require(images.shape[0] >= 2, "half maps need at least 2 images")
+    gen = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(images.shape[0], generator=gen).to(images.device)
+    n1 = images.shape[0] // 2
+    split = (perm[:n1].sort().values, perm[n1:].sort().values)
+    halves = []
+    for ids in split:
+        grids = _new_grids(dp, images.dtype, images.device)
+        _accumulate(images, rotations, ctf, ids, dp, kernel, chunk_size, grids, show_progress)
+        halves.append(grids)
+    size = images.shape[-1]
+    inv = _inverse_ssnr(snr, size, dp, images.dtype, images.device)
+    half1 = _wiener(halves[0], inv, size, kernel)
+    half2 = _wiener(halves[1], inv, size, kernel)
+    total = (halves[0][0] + halves[1][0], halves[0][1] + halves[1][1])
+    del halves
+    return HalfMaps(_wiener(total, inv, size, kernel), half1, half2, split)
+
+
+# ---------------------------------------------------------------------------------------
+# particle sources (streamed from disk) with an FSC-based SSNR
+
+
+@dataclass(frozen=True)
+class SourceReconstruction:
+    """Maps from :func:`reconstruct_source` and how they were made.
+
+    full, half1, half2: (D, D, D) maps; fsc_halves: FSC between the final half maps
+    (unmasked); ssnr: the per-image SSNR used, per shell of the map (index s is
+    s / (D · pixel size) cycles/Å); split: the 0-based particle indices of each half;
+    seconds: wall time.
+    """
+
+    full: torch.Tensor
+    half1: torch.Tensor
+    half2: torch.Tensor
+    fsc_halves: FSCResult
+    ssnr: torch.Tensor
+    split: tuple[np.ndarray, np.ndarray]
+    seconds: float
+
+
+def _shell_mean(values: torch.Tensor, size: int) -> torch.Tensor:
+    """Mean of a padded (Dp³) grid over each shell s = round(|k| · D / Dp), s <= D//2."""
+    dp = values.shape[-1]
+    k = torch.arange(dp, dtype=torch.float64, device=values.device) - dp // 2
+    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    shell = torch.round(r * size / dp).long().reshape(-1)
+    n_shells = size // 2 + 1
+    keep = shell < n_shells
+    sums = torch.zeros(n_shells, dtype=torch.float64, device=values.device)
+    sums.index_add_(0, shell[keep], values.reshape(-1)[keep].to(torch.float64))
+    counts = torch.bincount(shell[keep], minlength=n_shells).clamp_min(1)
+    return sums / counts
+
+
+def ssnr_from_fsc(fsc_curve: torch.Tensor, mean_weight: torch.Tensor) -> torch.Tensor:
+    """Per-image SSNR per shell from a half-map FSC: FSC/(1-FSC) / mean CTF² weight.
+
+    FSC/(1-FSC) is the SSNR of a half map (Penczek 2010, Methods Enzymol. 482:1, eq. 17);
+    a half map's Fourier voxel sums the CTF² weights W of its images, so one image's SSNR
+    is that divided by the shell's mean W. The Wiener regulariser 1/SSNR_image then equals
+    mean W / SSNR_half, RELION's choice (Scheres 2012, J. Struct. Biol. 180:519, eq. 16).
+    FSC is clipped to [0, 0.999]; shells with FSC <= 0 get SSNR 0 (dropped).
+    """
+    f = fsc_curve.to(torch.float64).clamp(0.0, 0.999)
+    ssnr_half = f / (1.0 - f)
+    return torch.where(mean_weight > 0, ssnr_half / mean_weight.clamp_min(1e-30), 0.0)
+
+
+@torch.no_grad()
+def reconstruct_source(
+    source: ParticleSource,
+    *,
+    ssnr: str | float = "fsc",
+    pad: float = 2.0,
+    seed: int = 0,
+    batch_size: int = 512,
+    kernel: Kernel = "linear",
+    dtype: torch.dtype = torch.float32,
+    show_progress: bool = False,
+) -> SourceReconstruction:
+    """Half maps and the full map from a particle source, streamed in batches.
+
+    Images are read ``batch_size`` at a time, re-centred for their RELION origins
+    (``source.batches(center=True)``) and inserted with their CTFs, evaluated exactly on
+    the padded grid (``physics.ctf.compute_ctf``). The random half split comes from
+    ``seed``. ``ssnr`` is a number (constant per-image SSNR, as in
+    :func:`wiener_reconstruct`) or ``"fsc"``: a first pass with SSNR 1 gives half maps
+    whose FSC sets a per-shell SSNR (:func:`ssnr_from_fsc`) for the final maps.
+    """
+    start_time = time.perf_counter()
+    n = len(source)
+    require(n >= 2, "a reconstruction with half maps needs at least 2 particles")
+    require(
+        ssnr == "fsc" or (not isinstance(ssnr, str) and float(ssnr) > 0),
+        f"ssnr must be 'fsc' or a number > 0, got {ssnr!r}",
+    )
+    check_kernel(kernel)
+    size, pixel_size = source.box, source.pixel_size
+    dp = padded_size(size, pad)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).numpy()
+    split = (np.sort(perm[: n // 2]), np.sort(perm[n // 2 :]))
+    cpu = torch.device("cpu")
+    grids = [_new_grids(dp, dtype, cpu), _new_grids(dp, dtype, cpu)]
+
+    def batches() -> Iterator[tuple[int, ParticleBatch]]:
+        for half, part in enumerate(split):
+            for batch in source.batches(batch_size, indices=part, center=True, dtype=dtype):
+                yield half, batch
+
+    n_batches = sum(-(-len(part) // batch_size) for part in split)
+    for half, batch in progress(
+        batches(), total=n_batches, desc="back-projecting", enabled=show_progress
+    ):
+        ctf = None
+        if batch.ctf is not None:
+            ctf = compute_ctf(batch.ctf, (dp, dp), pixel_size, dtype)
+        images, rotations = batch.images.to(dtype), batch.rotations.to(dtype)
+        _check_inputs(images, rotations, ctf, pad, kernel)
+        ids = torch.arange(images.shape[0])
+        _accumulate(images, rotations, ctf, ids, dp, kernel, None, grids[half], False)
+    halves = [_complete(g) for g in grids]
+    del grids
+    if ssnr == "fsc":
+        first = _inverse_ssnr(1.0, size, dp, dtype, cpu)
+        curve = fsc(
+            _solve(halves[0], first, size, kernel),
+            _solve(halves[1], first, size, kernel),
+            pixel_size,
+        ).fsc
+        mean_w = (_shell_mean(halves[0][1], size) + _shell_mean(halves[1][1], size)) / 2
+        per_shell = ssnr_from_fsc(torch.as_tensor(curve), mean_w)
+    else:
+        per_shell = torch.full((size // 2 + 1,), float(ssnr), dtype=torch.float64)
+    inv = _inverse_ssnr(per_shell, size, dp, dtype, cpu)
+    half1 = _solve(halves[0], inv, size, kernel)
+    half2 = _solve(halves[1], inv, size, kernel)
+    total = (halves[0][0] + halves[1][0], halves[0][1] + halves[1][1])
+    del halves
+    full = _solve(total, inv, size, kernel)
+    return SourceReconstruction(
+        full=full,
+        half1=half1,
+        half2=half2,
+        fsc_halves=fsc(half1, half2, pixel_size),
+        ssnr=per_shell,
+        split=split,
+        seconds=time.perf_counter() - start_time,
+    )
