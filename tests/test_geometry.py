@@ -15,13 +15,21 @@ from cryoprior.geometry import fft, grids, rotations
 def test_euler_matches_relion_formula_at_known_angles():
     # RELION Euler_angles2matrix for rot=30, tilt=60, psi=45 degrees, written out by hand.
     a, b, g = map(math.radians, (30.0, 60.0, 45.0))
-    ca, sa, cb, sb, cg, sg = (math.cos(a), math.sin(a), math.cos(b), math.sin(b),
-                              math.cos(g), math.sin(g))
-    expected = np.array([
-        [cg * cb * ca - sg * sa, cg * cb * sa + sg * ca, -cg * sb],
-        [-sg * cb * ca - cg * sa, -sg * cb * sa + cg * ca, sg * sb],
-        [sb * ca, sb * sa, cb],
-    ])
+    ca, sa, cb, sb, cg, sg = (
+        math.cos(a),
+        math.sin(a),
+        math.cos(b),
+        math.sin(b),
+        math.cos(g),
+        math.sin(g),
+    )
+    expected = np.array(
+        [
+            [cg * cb * ca - sg * sa, cg * cb * sa + sg * ca, -cg * sb],
+            [-sg * cb * ca - cg * sa, -sg * cb * sa + cg * ca, sg * sb],
+            [sb * ca, sb * sa, cb],
+        ]
+    )
     R = rotations.euler_to_matrix(torch.tensor([a, b, g], dtype=torch.float64))
     np.testing.assert_allclose(R.numpy(), expected, atol=1e-12)
 
