@@ -62,21 +62,20 @@ def worker_ours(star: str, out: str, threads: int) -> dict:
 
 
 CRYODRGN_SCRIPT = r"""
-import json, subprocess, sys, time, os
+import json, os, resource, subprocess, sys, time
 star, out, box, apix, work = sys.argv[1:6]
 t0 = time.perf_counter()
 run = lambda *a: subprocess.run(["cryodrgn", *a], check=True, capture_output=True)
 run("parse_pose_star", star, "-o", f"{work}/pose.pkl", "-D", box, "--Apix", apix)
 run("parse_ctf_star", star, "-o", f"{work}/ctf.pkl", "-D", box, "--Apix", apix)
 t1 = time.perf_counter()
-p = subprocess.run(["/usr/bin/time", "-v", "cryodrgn", "backproject_voxel", star,
-                    "--poses", f"{work}/pose.pkl", "--ctf", f"{work}/ctf.pkl",
-                    "-o", out, "--datadir", os.path.dirname(star)],
+p = subprocess.run(["cryodrgn", "backproject_voxel", star, "--poses", f"{work}/pose.pkl",
+                    "--ctf", f"{work}/ctf.pkl", "-o", out, "--datadir", os.path.dirname(star)],
                    capture_output=True, text=True)
 t2 = time.perf_counter()
-peak = [l for l in p.stderr.splitlines() if "Maximum resident" in l]
-print(json.dumps({"seconds": t2 - t1, "seconds_with_parsing": t2 - t0, "returncode": p.returncode,
-                  "peak_mb": float(peak[0].split()[-1]) / 1024 if peak else None,
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps({"seconds": t2 - t1, "seconds_with_parsing": t2 - t0,
+                  "returncode": p.returncode, "peak_mb": peak,
                   "stderr_tail": p.stderr[-800:] if p.returncode else ""}))
 """
 
@@ -183,7 +182,7 @@ def compare(
             "-c",
             CRYODRGN_SCRIPT,
             str(star),
-            str(work / "cryodrgn.mrc"),
+            str(work / "cryodrgn"),
             str(box),
             str(px),
             str(work),
@@ -191,8 +190,8 @@ def compare(
         env=env,
     )
     row = {"n_particles": n, "snr": snr, "method": "cryoDRGN backproject_voxel", **res}
-    if (work / "cryodrgn.mrc").exists():
-        row.update(score(work / "cryodrgn.mrc", work / "truth.mrc", box))
+    if (work / "cryodrgn" / "backproject.mrc").exists():
+        row.update(score(work / "cryodrgn" / "backproject.mrc", work / "truth.mrc", box))
     rows.append(row)
     print(json.dumps(row), flush=True)
     return rows
