@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import peak_rss_mb  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 CASES = {
@@ -35,14 +37,6 @@ QUICK = {
     "unet2d-16": dict(kind="unet", dims=2, size=16, batch=4, base=8, mults=[1, 2]),
     "egnn-10": dict(kind="egnn", nodes=10, batch=4, hidden=16, layers=2),
 }
-
-
-def _peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1]) / 1024
-    return float("nan")
 
 
 def worker(case: dict, threads: int, steps: int) -> dict:
@@ -73,7 +67,7 @@ def worker(case: dict, threads: int, steps: int) -> dict:
         den = Denoiser(net, CosineSchedule(), prediction="eps", representation="points")
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     params = sum(p.numel() for p in net.parameters())
-    base = _peak_mb()
+    base = peak_rss_mb()
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
@@ -85,7 +79,7 @@ def worker(case: dict, threads: int, steps: int) -> dict:
             times.append(time.perf_counter() - t0)
     return {
         "seconds_per_step": statistics.median(times),
-        "peak_mb": _peak_mb(),
+        "peak_mb": peak_rss_mb(),
         "baseline_mb": base,
         "parameters": params,
     }

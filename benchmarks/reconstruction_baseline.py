@@ -28,15 +28,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+from _common import peak_rss_mb  # noqa: E402
+
 RESULTS = HERE / "results"
-
-
-def _peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1]) / 1024
-    return float("nan")
 
 
 # ----------------------------------------------------------------------------- workers
@@ -52,13 +46,13 @@ def worker_ours(star: str, out: str, threads: int) -> dict:
     from cryoprior.solvers.backprojection import reconstruct_source
 
     torch.set_num_threads(threads)
-    before = _peak_mb()
+    before = peak_rss_mb()
     t0 = time.perf_counter()
     source = ParticleSource.from_star(star)
     rec = reconstruct_source(source, ssnr="fsc", seed=0)
     seconds = time.perf_counter() - t0
     write_map(out, Volume(rec.full.float(), source.pixel_size))
-    return {"seconds": seconds, "peak_mb": _peak_mb(), "baseline_mb": before}
+    return {"seconds": seconds, "peak_mb": peak_rss_mb(), "baseline_mb": before}
 
 
 CRYODRGN_SCRIPT = r"""
