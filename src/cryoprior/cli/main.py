@@ -23,6 +23,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("train", "cryoprior.cli.train"),
     ("sample", "cryoprior.cli.sample"),
     ("data", "cryoprior.cli.data"),
+    ("mtd", "cryoprior.cli.mtd"),
 ]
 
 
