@@ -191,6 +191,17 @@ def compare(
     return rows
 
 
+NOTES = """
+Notes. cryoprior: Wiener filter with the per-shell SSNR from the half maps' FSC (RELION's
+regulariser), trilinear insertion on a 2× padded grid, time from reading the STAR file to
+the map. cryoDRGN 4.3.1: wall time of the `cryodrgn backproject_voxel` command on the same
+particles (it includes the command's start-up and its own half-map FSC; pose/CTF parsing
+excluded). ASPIRE 0.14.3 (`RelionSource` + `MeanEstimator`) gave a map uncorrelated with
+the truth on these RELION-convention particles (masked CC −0.09 on a 200-particle trial),
+a convention mismatch in its RELION reader, so it is not reported.
+"""
+
+
 def write_results(
     rows: list[dict], out: Path, args: argparse.Namespace, box: int, px: float
 ) -> None:
@@ -229,7 +240,7 @@ def write_results(
             f"{r.get('fsc05_angstrom', float('nan')):.2f} | "
             f"{r.get('masked_cc', float('nan')):.3f} |"
         )
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n" + NOTES)
 
 
 if __name__ == "__main__":
