@@ -10,15 +10,19 @@ from __future__ import annotations
 import torch
 
 
-def centered_indices(n: int, dtype: torch.dtype = torch.float32,
-                     device: torch.device | str | None = None) -> torch.Tensor:
+def centered_indices(
+    n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Index offsets from the centre of an axis of length ``n``: ``arange(n) - n // 2``."""
     return torch.arange(n, dtype=dtype, device=device) - (n // 2)
 
 
-def coordinate_grid(shape: tuple[int, ...], pixel_size: float = 1.0,
-                    dtype: torch.dtype = torch.float32,
-                    device: torch.device | str | None = None) -> torch.Tensor:
+def coordinate_grid(
+    shape: tuple[int, ...],
+    pixel_size: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Real-space coordinates of every voxel in Å, shape (*shape, ndim), last dim (x, y[, z]).
 
     ``shape`` is the array shape ([z,] y, x). Coordinate 0 is at index N//2.
@@ -28,9 +32,12 @@ def coordinate_grid(shape: tuple[int, ...], pixel_size: float = 1.0,
     return torch.stack(mesh[::-1], dim=-1)
 
 
-def frequency_grid(shape: tuple[int, ...], pixel_size: float = 1.0,
-                   dtype: torch.dtype = torch.float32,
-                   device: torch.device | str | None = None) -> torch.Tensor:
+def frequency_grid(
+    shape: tuple[int, ...],
+    pixel_size: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Centred spatial frequencies in cycles/Å, shape (*shape, ndim), last dim (fx, fy[, fz]).
 
     The frequency at index k of an axis of length N is (k - N//2) / (N * pixel_size).
@@ -40,15 +47,17 @@ def frequency_grid(shape: tuple[int, ...], pixel_size: float = 1.0,
     return torch.stack(mesh[::-1], dim=-1)
 
 
-def radial_frequency(shape: tuple[int, ...], pixel_size: float = 1.0,
-                     dtype: torch.dtype = torch.float32,
-                     device: torch.device | str | None = None) -> torch.Tensor:
+def radial_frequency(
+    shape: tuple[int, ...],
+    pixel_size: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """|f| in cycles/Å on the centred grid of ``shape``."""
     return frequency_grid(shape, pixel_size, dtype, device).norm(dim=-1)
 
 
-def shell_indices(shape: tuple[int, ...], device: torch.device | str | None = None
-                  ) -> torch.Tensor:
+def shell_indices(shape: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
     """Integer Fourier shell of every voxel of a cubic/square centred grid.
 
     Shell k holds the voxels whose radius in index units rounds to k; shell k has

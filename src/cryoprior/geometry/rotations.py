@@ -64,31 +64,66 @@ def matrix_to_quaternion(R: torch.Tensor) -> torch.Tensor:
     Uses the largest-diagonal branch (Shepperd 1978) for numerical stability.
     """
     m = R
-    t = torch.stack([
-        1 + m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2],
-        1 + m[..., 0, 0] - m[..., 1, 1] - m[..., 2, 2],
-        1 - m[..., 0, 0] + m[..., 1, 1] - m[..., 2, 2],
-        1 - m[..., 0, 0] - m[..., 1, 1] + m[..., 2, 2],
-    ], -1)
+    t = torch.stack(
+        [
+            1 + m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2],
+            1 + m[..., 0, 0] - m[..., 1, 1] - m[..., 2, 2],
+            1 - m[..., 0, 0] + m[..., 1, 1] - m[..., 2, 2],
+            1 - m[..., 0, 0] - m[..., 1, 1] + m[..., 2, 2],
+        ],
+        -1,
+    )
     k = t.argmax(-1, keepdim=True)
     s = torch.sqrt(t.gather(-1, k).clamp_min(1e-12)).squeeze(-1) * 2  # s = 4 * |component|
-    cands = torch.stack([
-        torch.stack([s / 4, (m[..., 2, 1] - m[..., 1, 2]) / s,
-                     (m[..., 0, 2] - m[..., 2, 0]) / s, (m[..., 1, 0] - m[..., 0, 1]) / s], -1),
-        torch.stack([(m[..., 2, 1] - m[..., 1, 2]) / s, s / 4,
-                     (m[..., 0, 1] + m[..., 1, 0]) / s, (m[..., 0, 2] + m[..., 2, 0]) / s], -1),
-        torch.stack([(m[..., 0, 2] - m[..., 2, 0]) / s, (m[..., 0, 1] + m[..., 1, 0]) / s,
-                     s / 4, (m[..., 1, 2] + m[..., 2, 1]) / s], -1),
-        torch.stack([(m[..., 1, 0] - m[..., 0, 1]) / s, (m[..., 0, 2] + m[..., 2, 0]) / s,
-                     (m[..., 1, 2] + m[..., 2, 1]) / s, s / 4], -1),
-    ], -2)
+    cands = torch.stack(
+        [
+            torch.stack(
+                [
+                    s / 4,
+                    (m[..., 2, 1] - m[..., 1, 2]) / s,
+                    (m[..., 0, 2] - m[..., 2, 0]) / s,
+                    (m[..., 1, 0] - m[..., 0, 1]) / s,
+                ],
+                -1,
+            ),
+            torch.stack(
+                [
+                    (m[..., 2, 1] - m[..., 1, 2]) / s,
+                    s / 4,
+                    (m[..., 0, 1] + m[..., 1, 0]) / s,
+                    (m[..., 0, 2] + m[..., 2, 0]) / s,
+                ],
+                -1,
+            ),
+            torch.stack(
+                [
+                    (m[..., 0, 2] - m[..., 2, 0]) / s,
+                    (m[..., 0, 1] + m[..., 1, 0]) / s,
+                    s / 4,
+                    (m[..., 1, 2] + m[..., 2, 1]) / s,
+                ],
+                -1,
+            ),
+            torch.stack(
+                [
+                    (m[..., 1, 0] - m[..., 0, 1]) / s,
+                    (m[..., 0, 2] + m[..., 2, 0]) / s,
+                    (m[..., 1, 2] + m[..., 2, 1]) / s,
+                    s / 4,
+                ],
+                -1,
+            ),
+        ],
+        -2,
+    )
     q = cands.gather(-2, k.unsqueeze(-1).expand(*k.shape[:-1], 1, 4)).squeeze(-2)
     q = q / q.norm(dim=-1, keepdim=True)
     return torch.where(q[..., :1] < 0, -q, q)
 
 
-def random_rotations(n: int, generator: torch.Generator | None = None,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def random_rotations(
+    n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``n`` rotation matrices drawn uniformly (Haar) from SO(3); det = +1 always.
 
     Normalised 4-D Gaussian vectors are uniform on S^3, hence uniform unit quaternions.
@@ -109,8 +144,14 @@ def axis_angle_to_matrix(v: torch.Tensor) -> torch.Tensor:
     b = torch.where(small, 0.5 - theta2 / 24, (1 - torch.cos(theta)) / theta2.clamp_min(1e-24))
     x, y, z = v.unbind(-1)
     zero = torch.zeros_like(x)
-    K = torch.stack([torch.stack([zero, -z, y], -1), torch.stack([z, zero, -x], -1),
-                     torch.stack([-y, x, zero], -1)], -2)
+    K = torch.stack(
+        [
+            torch.stack([zero, -z, y], -1),
+            torch.stack([z, zero, -x], -1),
+            torch.stack([-y, x, zero], -1),
+        ],
+        -2,
+    )
     eye = torch.eye(3, dtype=v.dtype, device=v.device).expand(K.shape)
     return eye + a[..., None] * K + b[..., None] * (K @ K)
 
@@ -121,18 +162,22 @@ def rotation_angle(R1: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
     return torch.arccos(((tr - 1) / 2).clamp(-1.0, 1.0))
 
 
-def rotation_about_axis(axis: str, angle: float, dtype: torch.dtype = torch.float64
-                        ) -> torch.Tensor:
+def rotation_about_axis(
+    axis: str, angle: float, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """Active rotation matrix by ``angle`` radians about 'x', 'y' or 'z'."""
     c, s = math.cos(angle), math.sin(angle)
-    m = {"x": [[1, 0, 0], [0, c, -s], [0, s, c]],
-         "y": [[c, 0, s], [0, 1, 0], [-s, 0, c]],
-         "z": [[c, -s, 0], [s, c, 0], [0, 0, 1]]}[axis]
+    m = {
+        "x": [[1, 0, 0], [0, c, -s], [0, s, c]],
+        "y": [[c, 0, s], [0, 1, 0], [-s, 0, c]],
+        "z": [[c, -s, 0], [s, c, 0], [0, 0, 1]],
+    }[axis]
     return torch.tensor(m, dtype=dtype)
 
 
-def kabsch(P: torch.Tensor, Q: torch.Tensor, mask: torch.Tensor | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def kabsch(
+    P: torch.Tensor, Q: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Best proper rotation R and translation t with R p_i + t ≈ q_i (least squares).
 
     P, Q: (..., N, 3); mask: (..., N) of 0/1 weights. Returns R (..., 3, 3), t (..., 3).
