@@ -16,10 +16,17 @@ from torch import nn
 
 from cryoprior.core.errors import InputError
 from cryoprior.networks.egnn import EGNN
+from cryoprior.networks.mfn import BACON, ResidualMFN
 from cryoprior.networks.mlp import MLP
 from cryoprior.networks.unet import UNet
 
-NETWORKS: dict[str, type[nn.Module]] = {"unet": UNet, "egnn": EGNN, "mlp": MLP}
+NETWORKS: dict[str, type[nn.Module]] = {
+    "unet": UNet,
+    "egnn": EGNN,
+    "mlp": MLP,
+    "bacon": BACON,
+    "residual_mfn": ResidualMFN,
+}
 
 
 def register_network(name: str, cls: type[nn.Module]) -> None:
