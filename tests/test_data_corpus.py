@@ -144,3 +144,26 @@ def test_subset_corpus_checks_the_split(tmp_path) -> None:
     assert sorted(r.name for r in recs) == sorted(names)
     with pytest.raises(InputError, match="exactly once"):
         subset_corpus(shipped_folder(), tmp_path / "t", names, split={"train": ["3a4r_A"]})
+
+
+def test_clean_chains_repairs_missing_element_column(tmp_path):
+    # Columns 77-78 (element) left empty, as in some older PDB files: gemmi reads "X".
+    lines = []
+    serial = 1
+    for i, (x, y) in enumerate([(0.0, 0.0), (3.8, 0.0), (7.6, 0.0)]):
+        for name, dx in (("N", -1.0), ("CA", 0.0), ("C", 1.0), ("O", 1.5)):
+            lines.append(
+                f"ATOM  {serial:5d}  {name:<3s} ALA A{i + 1:4d}    "
+                f"{x + dx:8.3f}{y:8.3f}{0.0:8.3f}  1.00 20.00"
+            )
+            serial += 1
+        lines.append(
+            f"ATOM  {serial:5d}  CB  ALA A{i + 1:4d}    {x:8.3f}{y + 1.5:8.3f}{0.0:8.3f}"
+            "  1.00 20.00"
+        )
+        serial += 1
+    path = tmp_path / "noelem.pdb"
+    path.write_text("\n".join(lines) + "\nEND\n")
+    (chain,) = clean_chains(path)
+    elements = {a.element.name for r in chain.structure[0][0] for a in r}
+    assert elements == {"N", "C", "O"}

@@ -348,7 +348,10 @@ def _clean_residue(res: gemmi.Residue, name: str) -> gemmi.Residue:
         new.pos = atom.pos
         new.b_iso = atom.b_iso
         new.occ = 1.0
-        new.element = gemmi.Element("S") if atom.element.name == "Se" else atom.element
+        # Standard amino-acid heavy atoms are named after their element (N, C, O, S); this
+        # also repairs files with an empty element column (read as "X") and maps MSE's Se
+        # (renamed SD above) to S.
+        new.element = gemmi.Element(atom_name[0])
         new.serial = 0
         out.add_atom(new)
     return out
