@@ -424,7 +424,6 @@ def write_chain_pdb(
                 f.write(text)
         else:
             tmp.write_bytes(text)
-    os.chmod(path, 0o644)
 
 
 # ----------------------------------------------------------------------------- archives
@@ -645,7 +644,6 @@ def build_corpus(
         "identity": "matches / aligned region (cryoprior.data.sequences)",
     }
     write_split(out_dir / "split.json", split, **info)
-    os.chmod(out_dir / "split.json", 0o644)
     manifest = {
         "format": CORPUS_FORMAT,
         "parameters": {
@@ -671,7 +669,6 @@ def build_corpus(
 def write_manifest(path: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
     """Write a corpus manifest (JSON, world-readable)."""
     write_text_atomic(path, json.dumps(manifest, indent=1) + "\n")
-    os.chmod(path, 0o644)
 
 
 def subset_corpus(
@@ -708,7 +705,6 @@ def subset_corpus(
         data = (folder / r["file"]).read_bytes()
         with atomic_path(out_dir / r["file"]) as tmp:
             tmp.write_bytes(data)
-        os.chmod(out_dir / r["file"], 0o644)
     new = {k: v for k, v in manifest.items() if k not in ("records", "split", "split_info")}
     used = {(r["source"]["package"], r["source"]["version"]) for r in chosen}
     new["sources"] = [
