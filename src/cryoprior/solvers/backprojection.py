@@ -226,6 +226,28 @@ def _accumulate(
         )
 
 
+def insert_images(
+    images: torch.Tensor,
+    rotations: torch.Tensor,
+    ctf: torch.Tensor | None,
+    dp: int,
+    kernel: Kernel,
+    grids: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """Add CTF·F̂ and CTF² of centred images (n, D, D) at poses (n, 3, 3) into ``grids``
+    (complex and real (Dp, Dp, Dp), kx >= 0 halves; see :func:`complete_grids`); ``ctf``
+    is None or real (n, Dp, Dp) on the padded grid."""
+    ids = torch.arange(images.shape[0], device=images.device)
+    _accumulate(images, rotations, ctf, ids, dp, kernel, None, grids, False)
+
+
+def complete_grids(
+    grids: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full Hermitian grids (Σ CTF·F̂, Σ CTF²) from the inserted kx >= 0 halves."""
+    return _complete(grids)
+
+
 def _complete(grids: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Add the mirrored kx < 0 halves: G(k) + conj G(-k) and W(k) + W(-k)."""
     numerator, weight = grids

@@ -62,10 +62,12 @@ def conjugate_gradient(
     max_iter: int = 100,
     tol: float = 1e-6,
     batch_ndim: int = 0,
+    preconditioner: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> CGResult:
     """Solve M x = b for a symmetric positive (semi-)definite M by conjugate gradients.
 
-    Hestenes & Stiefel 1952 (e.g. Nocedal & Wright, "Numerical Optimization", Alg. 5.2).
+    Hestenes & Stiefel 1952 (e.g. Nocedal & Wright, "Numerical Optimization", Alg. 5.2;
+    with ``preconditioner`` P ≈ M⁻¹, symmetric positive definite, Alg. 5.3).
     ``apply_matrix`` maps a tensor shaped like ``b`` to M x. The first ``batch_ndim`` dims
     of ``b`` index independent systems (each with its own step sizes), the rest is one
     vector. Stops when every ‖b − M x‖ <= ``tol`` ‖b‖ or after ``max_iter`` iterations.
@@ -75,21 +77,26 @@ def conjugate_gradient(
     with torch.no_grad():
         x = torch.zeros_like(b) if x0 is None else x0.detach().clone()
         r = b - apply_matrix(x) if x0 is not None else b.clone()
-        p = r.clone()
+        precond = preconditioner if preconditioner is not None else (lambda v: v)
+        z = precond(r)
+        p = z.clone()
         rr = _dot(r, r, batch_ndim)
+        rz = _dot(r, z, batch_ndim)
         b_norm = _dot(b, b, batch_ndim).sqrt().clamp_min(torch.finfo(b.dtype).tiny)
         tiny = torch.finfo(b.dtype).tiny
         n = 0
         while n < int(max_iter) and not bool((rr.sqrt() <= tol * b_norm).all()):
             mp = apply_matrix(p)
             pmp = _dot(p, mp, batch_ndim)
-            alpha = torch.where(pmp > 0, rr / pmp.clamp_min(tiny), 0.0)
+            alpha = torch.where(pmp > 0, rz / pmp.clamp_min(tiny), 0.0)
             x = x + alpha * p
             r = r - alpha * mp
-            rr_new = _dot(r, r, batch_ndim)
-            beta = torch.where(rr > 0, rr_new / rr.clamp_min(tiny), 0.0)
-            p = r + beta * p
-            rr = rr_new
+            z = precond(r)
+            rz_new = _dot(r, z, batch_ndim)
+            beta = torch.where(rz > 0, rz_new / rz.clamp_min(tiny), 0.0)
+            p = z + beta * p
+            rz = rz_new
+            rr = _dot(r, r, batch_ndim)
             n += 1
         rel = (rr.sqrt() / b_norm).reshape(b.shape[:batch_ndim])
         return CGResult(x, n, rel, bool((rel <= tol).all()))

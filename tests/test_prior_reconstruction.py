@@ -1,0 +1,212 @@
+"""Prior-guided reconstruction: grid matching, the Fourier likelihood, the intensity scale,
+the regularised baseline and the CLI with a prior, on tiny inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cryoprior.cli.main import main as cli_main
+from cryoprior.core.containers import Volume
+from cryoprior.core.errors import InputError
+from cryoprior.data.corpus import shipped_records
+from cryoprior.physics.atoms import atoms_to_map
+from cryoprior.physics.composition import (
+    POTENTIAL_PER_KDA,
+    potential_integral_from_mass,
+    protein_mass_kda,
+)
+from cryoprior.physics.operators import ProjectionCTFOperator
+from cryoprior.physics.simulator import SimulationConfig, simulate_particles
+from cryoprior.physics.source import ParticleSource
+from cryoprior.solvers.dps import potential_integral
+from cryoprior.solvers.prior_reconstruction import (
+    FourierLikelihoodOperator,
+    accumulate_particles,
+    calibrate_fourier_likelihood,
+    fourier_smooth,
+    grid_plan,
+    intensity_scale,
+    smoothness_regularized,
+)
+from cryoprior.solvers.regularized import conjugate_gradient
+
+PRIOR = "src/cryoprior/assets/priors/volume_32"
+
+
+def _protein(name: str = "5pti_A"):
+    rec = next(r for r in shipped_records() if r.name == name)
+    xyz, el, _ = rec.atoms()
+    return rec, xyz - xyz.mean(0), el
+
+
+@pytest.fixture(scope="module")
+def tiny_particles(tmp_path_factory):
+    """40 noisy particles of BPTI at 32² and 3 Å/px (the shipped prior's grid)."""
+    rec, xyz, el = _protein()
+    truth = atoms_to_map(xyz, el, 32, 3.0, bfactors=np.full(len(el), 144.0))
+    out = tmp_path_factory.mktemp("prior_rec")
+    sim = simulate_particles(
+        Volume(truth, 3.0),
+        SimulationConfig(n_particles=40, snr=1.0, seed=3, max_shift=3.0),
+        out,
+        show_progress=False,
+    )
+    return rec, truth, sim
+
+
+# ----------------------------------------------------------------------------- grid
+
+
+def test_grid_plan_accepts_the_prior_grid_and_finer_sampling():
+    assert grid_plan(32, 3.0, 32, 3.0).identity
+    plan = grid_plan(64, 1.5, 32, 3.0)
+    assert (plan.crop, plan.target_box) == (64, 32)
+    images = torch.randn(3, 64, 64, dtype=torch.float64)
+    assert plan.apply(images).shape == (3, 32, 32)
+    # a larger physical box is cropped around the centre first
+    plan = grid_plan(80, 1.5, 32, 3.0)
+    assert plan.crop == 64 and plan.apply(torch.zeros(2, 80, 80)).shape == (2, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "box,px,what",
+    [(32, 4.0, "coarser"), (48, 1.5, "too small"), (40, 2.7, "no whole number")],
+)
+def test_grid_plan_refuses_with_a_clear_error(box, px, what):
+    with pytest.raises(InputError, match=what):
+        grid_plan(box, px, 32, 3.0)
+
+
+# ----------------------------------------------------------------------------- likelihood
+
+
+def test_fourier_likelihood_operator_adjoint_and_calibration(tiny_particles):
+    _, _, sim = tiny_particles
+    source = ParticleSource.from_star(sim.paths["star"])
+    data = accumulate_particles(source, 32, 3.0, calibration_images=40)
+    op = FourierLikelihoodOperator(data)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 32, 32, generator=g, dtype=torch.float64)
+    y = torch.randn(op.range_shape, generator=g, dtype=torch.float64)
+    lhs = float((op.apply(x) * y).sum())
+    rhs = float((x * op.apply_adjoint(y)).sum())
+    assert lhs == pytest.approx(rhs, rel=1e-10)
+    # calibrated on all 40 images: ‖Bx‖² ≈ ‖Ax‖² for a new smooth map
+    calibrate_fourier_likelihood(data, seed=1)
+    op = FourierLikelihoodOperator(data)
+    b = source.particles
+    exact = ProjectionCTFOperator.from_ctf_params(
+        source.rotations, 32, 3.0, source.ctf.index(slice(0, len(b)))
+    )
+    z = fourier_smooth(torch.randn(32, 32, 32, generator=g, dtype=torch.float64), 0.15)
+    ratio = float((op.forward(z) ** 2).sum() / (exact.forward(z) ** 2).sum())
+    assert ratio == pytest.approx(1.0, abs=0.05)
+
+
+def test_smoothness_regularized_meets_the_discrepancy_target(tiny_particles):
+    _, truth, sim = tiny_particles
+    data = accumulate_particles(ParticleSource.from_star(sim.paths["star"]), 32, 3.0)
+    calibrate_fourier_likelihood(data)
+    reg = smoothness_regularized(data)
+    assert reg.converged and reg.residual_ratio == pytest.approx(1.0, abs=0.01)
+    cc = float(np.corrcoef(reg.map.flatten(), truth.double().flatten())[0, 1])
+    assert cc > 0.5
+
+
+# ----------------------------------------------------------------------------- scale
+
+
+def test_protein_mass_and_potential_per_kda():
+    assert protein_mass_kda("G") == pytest.approx((57.0519 + 18.015) / 1000)
+    with pytest.raises(InputError):
+        protein_mass_kda("12")
+    # the per-kDa constant reproduces on shipped chains of the training split (± 3 %)
+    for rec in shipped_records()[:4]:
+        _, el, _ = rec.atoms()
+        ratio = potential_integral(el) / protein_mass_kda(rec.sequence)
+        assert ratio == pytest.approx(POTENTIAL_PER_KDA, rel=0.06)
+
+
+def test_intensity_scale_from_noiseless_images_and_mass(tmp_path):
+    rec, xyz, el = _protein()
+    truth = atoms_to_map(xyz, el, 32, 3.0, bfactors=np.full(len(el), 144.0))
+    sim = simulate_particles(
+        Volume(truth, 3.0),
+        SimulationConfig(n_particles=20, snr=None, seed=0),
+        tmp_path,
+        show_progress=False,
+    )
+    data = accumulate_particles(ParticleSource.from_star(sim.paths["star"]), 32, 3.0)
+    # with the model's exact composition the scale of noiseless images is 1
+    exact_mass = potential_integral(el) / POTENTIAL_PER_KDA
+    c = intensity_scale(data, mass_kda=exact_mass)
+    assert c.value == pytest.approx(1.0, rel=0.02)
+    assert potential_integral_from_mass(exact_mass) == pytest.approx(potential_integral(el))
+    with pytest.raises(InputError, match="mass"):
+        intensity_scale(data)
+    assert intensity_scale(data, value=2.5).value == 2.5
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_reconstruct_with_prior(tiny_particles, tmp_path):
+    rec, truth, sim = tiny_particles
+    out = tmp_path / "rec"
+    rc = cli_main(
+        [
+            "reconstruct",
+            sim.paths["star"],
+            "--prior",
+            PRIOR,
+            "--sequence",
+            rec.sequence,
+            "--samples",
+            "2",
+            "--steps",
+            "3",
+            "-o",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    from cryoprior.io.mrc import read_map
+
+    mean, std = read_map(out / "map.mrc"), read_map(out / "std.mrc")
+    assert mean.data.shape == (32, 32, 32) and mean.pixel_size == pytest.approx(3.0)
+    assert float(std.data.abs().max()) > 0
+    record = json.loads((out / "reconstruct.json").read_text())
+    assert record["method"] == "prior" and record["dps"]["n_samples"] == 2
+
+
+def test_cli_prior_refuses_a_pixel_size_mismatch(tmp_path, capsys):
+    rec, xyz, el = _protein()
+    vol = atoms_to_map(xyz, el, 32, 4.0)
+    sim = simulate_particles(
+        Volume(vol, 4.0), SimulationConfig(n_particles=4, snr=1.0), tmp_path, show_progress=False
+    )
+    out = tmp_path / "rec"
+    rc = cli_main(
+        ["reconstruct", sim.paths["star"], "--prior", PRIOR, "--mass-kda", "6", "-o", str(out)]
+    )
+    assert rc == 2
+    assert "coarser than the prior" in capsys.readouterr().err
+    assert not (out / "map.mrc").exists()
+
+
+def test_preconditioned_cg_solves_the_same_system_faster():
+    g = torch.Generator().manual_seed(0)
+    diag = torch.logspace(0, 4, 50, dtype=torch.float64)
+    q = torch.randn(50, 50, generator=g, dtype=torch.float64) * 0.01
+    m = torch.diag(diag) + q @ q.T
+    b = torch.randn(50, generator=g, dtype=torch.float64)
+    exact = torch.linalg.solve(m, b)
+    plain = conjugate_gradient(lambda v: m @ v, b, max_iter=10)
+    pre = conjugate_gradient(lambda v: m @ v, b, max_iter=10, preconditioner=lambda v: v / diag)
+    assert float(pre.relative_residual) < 1e-3 < float(plain.relative_residual)
+    torch.testing.assert_close(pre.x, exact, rtol=1e-3, atol=1e-6)
