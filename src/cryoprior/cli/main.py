@@ -24,6 +24,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("sample", "cryoprior.cli.sample"),
     ("data", "cryoprior.cli.data"),
     ("mtd", "cryoprior.cli.mtd"),
+    ("superres", "cryoprior.cli.superres"),
 ]
 
 

@@ -7,11 +7,17 @@ when this module's functions run. Conformers are the heavy atoms of each compone
 ideal coordinates, centred. Splits are by molecule identity (component id), assigned by a
 stable hash of the id, so adding components never moves existing ones between splits.
 Stereoisomers and tautomers have their own ids and may fall into different splits.
+
+:func:`select_ccd_conformers` draws a stable pseudo-random sample of components for each
+split (for training sets of a few thousand molecules without reading all ~49,000), and
+:func:`bonded_pairs` lists the covalent bonds of a conformer from its distances (for
+bond-length errors).
 """
 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cryoprior.core.errors import InputError, require
+from cryoprior.core.runtime import progress
 from cryoprior.data.splits import SPLITS
 from cryoprior.data.volumes import item_generator
 from cryoprior.geometry.rotations import random_rotations
@@ -54,7 +61,10 @@ def ccd_conformer(name: str) -> Conformer | None:
     the component is unknown or lacks coordinates."""
     info = _biotite_info()
     try:
-        atoms = info.residue(name)
+        with warnings.catch_warnings():
+            # components without ideal coordinates fall back to model coordinates
+            warnings.simplefilter("ignore", UserWarning)
+            atoms = info.residue(name)
     except (KeyError, ValueError):
         return None
     heavy = np.asarray([str(e).upper() not in ("H", "D") for e in atoms.element])
@@ -114,13 +124,104 @@ def split_molecules(
     return out
 
 
+def _hash_unit(text: str) -> float:
+    """u in [0, 1) from the first 8 bytes of sha256(text)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+
+
+def select_ccd_conformers(
+    n_per_split: Mapping[str, int],
+    max_heavy_atoms: int = 60,
+    min_heavy_atoms: int = 3,
+    organic_only: bool = True,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    salt: str = "cryoprior",
+    names: Sequence[str] | None = None,
+    show_progress: bool = False,
+) -> dict[str, list[Conformer]]:
+    """Up to ``n_per_split[split]`` CCD conformers for each of train / validation / test.
+
+    Component ids (``names``, default every CCD component) are split by molecule identity
+    with :func:`split_molecules` (``fractions``, ``salt``); within a split they are visited
+    in the order of sha256(salt + "order" + id), a fixed pseudo-random order, and read
+    until the split has its quota of conformers with ``min_heavy_atoms..max_heavy_atoms``
+    heavy atoms (and, with ``organic_only``, only elements of :data:`ELEMENTS` other than
+    "OTHER", i.e. no metals). The same arguments always give the same molecules; a split
+    not in ``n_per_split`` gets none.
+    """
+    unknown = sorted(set(n_per_split) - set(SPLITS))
+    require(not unknown, f"unknown split(s) {unknown}; splits: {SPLITS}")
+    require(
+        all(int(n) >= 0 for n in n_per_split.values()),
+        f"counts per split must be >= 0, got {dict(n_per_split)}",
+    )
+    if names is None:
+        names = _biotite_info().all_residues()
+    split = split_molecules(names, fractions, salt)
+    allowed = set(ELEMENTS[:-1])
+    out: dict[str, list[Conformer]] = {s: [] for s in SPLITS}
+    for name_split in SPLITS:
+        want = int(n_per_split.get(name_split, 0))
+        if want == 0:
+            continue
+        order = sorted(split[name_split], key=lambda n: _hash_unit(f"{salt}order{n}"))
+        bar = progress(order, desc=f"CCD {name_split}", enabled=show_progress)
+        for name in bar:
+            conf = ccd_conformer(name)
+            if conf is None or not min_heavy_atoms <= len(conf.elements) <= max_heavy_atoms:
+                continue
+            if organic_only and not set(conf.elements) <= allowed:
+                continue
+            out[name_split].append(conf)
+            if len(out[name_split]) >= want:
+                break
+    return out
+
+
+#: Covalent radii in Å (Cordero et al. 2008, Dalton Trans., Table 2; C sp3), for
+#: :func:`bonded_pairs`; elements not listed use 1.5 Å.
+COVALENT_RADII = {
+    "C": 0.76,
+    "N": 0.71,
+    "O": 0.66,
+    "S": 1.05,
+    "P": 1.07,
+    "F": 0.57,
+    "CL": 1.02,
+    "BR": 1.20,
+    "I": 1.39,
+    "B": 0.84,
+    "SE": 1.20,
+}
+
+
+def bonded_pairs(
+    coords: np.ndarray | torch.Tensor, elements: Sequence[str], tolerance: float = 0.4
+) -> np.ndarray:
+    """Index pairs (M, 2), i < j, of atoms closer than r_i + r_j + ``tolerance`` Å.
+
+    r are :data:`COVALENT_RADII`; the usual distance criterion for covalent bonds of a
+    reasonable geometry (e.g. the ideal CCD coordinates).
+    """
+    xyz = np.asarray(coords, dtype=np.float64)
+    require(
+        xyz.ndim == 2 and xyz.shape[1] == 3 and len(elements) == xyz.shape[0],
+        f"need coords (N, 3) and N elements, got {xyz.shape} and {len(elements)}",
+    )
+    r = np.asarray([COVALENT_RADII.get(str(e).upper(), 1.5) for e in elements])
+    d = np.linalg.norm(xyz[:, None] - xyz[None], axis=-1)
+    i, j = np.nonzero(np.triu(d < r[:, None] + r[None, :] + tolerance, k=1))
+    return np.stack([i, j], axis=1)
+
+
 class ConformerDataset(Dataset):
     """Conformers as {"x": (max_atoms, 3), "mask": (max_atoms,), "types": (max_atoms,)}.
 
     ``x`` is in units of ``scale`` Å (None: mean radius of gyration of these conformers;
     set it from the TRAINING set), zero mean over real atoms, randomly rotated per item
     with a generator seeded by (seed, index), zero-padded; ``types`` indexes
-    :data:`ELEMENTS` (padding: 0, masked out).
+    :data:`ELEMENTS` (padding: 0, masked out). :meth:`collate` stacks items and drops the
+    padding columns that no item of the batch uses.
     """
 
     def __init__(
@@ -172,3 +273,15 @@ class ConformerDataset(Dataset):
             [ELEMENTS.index(e) if e in ELEMENTS else other for e in conf.elements]
         )
         return {"x": x, "mask": mask, "types": types}
+
+    @property
+    def names(self) -> list[str]:
+        """Component ids, in order."""
+        return [c.name for c in self.conformers]
+
+    @staticmethod
+    def collate(items: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Stack items into a batch trimmed to the largest molecule's atom count (padding
+        columns no item uses cost EGNN time for nothing; masked results are unchanged)."""
+        n = max(int(item["mask"].sum()) for item in items)
+        return {k: torch.stack([item[k][:n] for item in items]) for k in items[0]}

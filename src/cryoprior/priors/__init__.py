@@ -3,6 +3,9 @@ safetensors weights and JSON (never pickle)."""
 
 from cryoprior.priors.io import load_prior, read_prior_metadata, save_prior
 from cryoprior.priors.prior import (
+    DIFFUSION_OBJECTIVES,
+    OBJECTIVES,
+    NetworkPrior,
     Prior,
     PriorMetadata,
     build_denoiser,
@@ -10,6 +13,9 @@ from cryoprior.priors.prior import (
 )
 
 __all__ = [
+    "DIFFUSION_OBJECTIVES",
+    "OBJECTIVES",
+    "NetworkPrior",
     "Prior",
     "PriorMetadata",
     "build_denoiser",

@@ -30,7 +30,14 @@ from cryoprior import __version__
 from cryoprior.core.errors import InputError
 from cryoprior.diffusion import Denoiser
 from cryoprior.networks import build_network, network_config
-from cryoprior.priors.prior import Prior, PriorMetadata, build_denoiser, denoiser_config
+from cryoprior.priors.prior import (
+    DIFFUSION_OBJECTIVES,
+    NetworkPrior,
+    Prior,
+    PriorMetadata,
+    build_denoiser,
+    denoiser_config,
+)
 
 WEIGHTS_FILE = "weights.safetensors"
 METADATA_FILE = "prior.json"
@@ -51,17 +58,22 @@ def save_prior(
     """Write a prior folder atomically; returns its path.
 
     ``model`` is a :class:`~cryoprior.diffusion.Denoiser` (its network's weights are saved,
-    and ``metadata.diffusion`` is filled from it when empty) or a bare network (then
-    ``metadata.diffusion`` must be given). ``metadata.network`` defaults to
-    ``network_config(net)``, the version and creation time are filled in when empty.
+    and ``metadata.diffusion`` is filled from it when empty) or a bare network (then, for
+    the diffusion objectives "denoising" and "sr3", ``metadata.diffusion`` must be given).
+    For the other objectives (``metadata.objective``) ``model`` may also be a wrapper with
+    the network as its ``net`` attribute (e.g. a cold-diffusion ``RestorationModel``).
+    ``metadata.network`` defaults to ``network_config(net)``, the version and creation time
+    are filled in when empty.
     The folder is built beside the target under a temporary name and renamed into place,
     so a reader sees the old prior or the new one, never a half-written one.
     """
     meta = metadata if isinstance(metadata, PriorMetadata) else PriorMetadata(**dict(metadata))
-    net = model.net if isinstance(model, Denoiser) else model
+    diffusion = meta.objective_kind in DIFFUSION_OBJECTIVES
+    wrapped = not diffusion and isinstance(getattr(model, "net", None), nn.Module)
+    net = model.net if isinstance(model, Denoiser) or wrapped else model
     if not isinstance(net, nn.Module):
         raise InputError("save_prior needs a Denoiser or an nn.Module network")
-    if not meta.diffusion:
+    if diffusion and not meta.diffusion:
         if not isinstance(model, Denoiser):
             raise InputError("saving a bare network needs metadata.diffusion (schedule etc.)")
         meta.diffusion = denoiser_config(model)
@@ -158,12 +170,14 @@ def _parse_json(data: bytes, path: Path) -> dict[str, Any]:
     return d
 
 
-def load_prior(path: str | os.PathLike, device: torch.device | str = "cpu") -> Prior:
-    """Read a prior folder (or a .zip/.tar of one) into a :class:`Prior` on ``device``.
+def load_prior(path: str | os.PathLike, device: torch.device | str = "cpu") -> Prior | NetworkPrior:
+    """Read a prior folder (or a .zip/.tar of one) on ``device``.
 
-    Rebuilds the network from its config, the schedule and denoiser from the diffusion
-    config, and loads the safetensors weights (strictly: every tensor must match). Checks
-    the weights' SHA-256 against ``prior.json``. Never unpickles anything.
+    Rebuilds the network from its config and loads the safetensors weights (strictly:
+    every tensor must match); checks the weights' SHA-256 against ``prior.json``. Never
+    unpickles anything. Diffusion objectives ("denoising", the default of files without an
+    objective, and "sr3") give a :class:`Prior` (schedule and denoiser rebuilt from the
+    diffusion config); "regression" and "heat_restoration" give a :class:`NetworkPrior`.
     """
     path = Path(path)
     meta_bytes, weights = _read_members(path)
@@ -181,6 +195,9 @@ def load_prior(path: str | os.PathLike, device: torch.device | str = "cpu") -> P
         net.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise InputError(f"{path}: the weights do not fit the network config ({e})") from None
+    if meta.objective_kind not in DIFFUSION_OBJECTIVES:
+        net.eval().requires_grad_(False).to(device)
+        return NetworkPrior(net=net, metadata=meta)
     denoiser = build_denoiser(net, meta.diffusion)
     denoiser.eval().requires_grad_(False).to(device)
     return Prior(denoiser=denoiser, metadata=meta)

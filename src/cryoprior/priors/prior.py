@@ -8,6 +8,18 @@ diffusion and network configs that rebuild it, the training data summary and spl
 provenance (version, command, time). Solvers ask :meth:`Prior.check_compatible` before
 combining a prior with measurements.
 
+The *objective* (``PriorMetadata.objective``, ``{"kind": ..., parameters}``) says what the
+network was trained for:
+
+- ``"denoising"`` (the default; files written before the field existed read as this): an
+  unconditional diffusion prior, a :class:`Prior`.
+- ``"sr3"``: a conditional diffusion denoiser for super-resolution (SR3, Saharia et al.
+  2021), also a :class:`Prior`, but it needs the low-resolution input as conditioning, so
+  :meth:`Prior.sample` refuses it (use ``cryoprior superres``).
+- ``"regression"``: the regression U-Net baseline of SR3 and ``"heat_restoration"``: an
+  EGNN cold-diffusion restorer of heat-kernel-blurred point clouds (Bansal et al. 2022).
+  Neither is a denoiser: they load as a :class:`NetworkPrior` (the network + metadata).
+
 Normalisation convention: ``x_net = (x_phys - offset) / scale`` and
 ``x_phys = scale * x_net + offset``; for point clouds ``offset`` is 0 (clouds are centred)
 and ``scale`` is in Å.
@@ -18,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -27,7 +39,21 @@ from cryoprior.core.errors import InputError
 from cryoprior.diffusion import SAMPLERS, Denoiser, make_schedule
 
 PRIOR_FORMAT = "cryoprior-prior"
-PRIOR_FORMAT_VERSION = 1
+#: the newest prior-file format this version reads and writes. Version 2 added
+#: ``objective``; denoising priors are still written as version 1 (readable by older
+#: versions, to which version-2 files say "upgrade cryoprior").
+PRIOR_FORMAT_VERSION = 2
+#: what a prior's network was trained for (see the module docstring)
+OBJECTIVES = ("denoising", "sr3", "regression", "heat_restoration")
+#: objectives whose network is wrapped in a diffusion Denoiser (``metadata.diffusion``)
+DIFFUSION_OBJECTIVES = ("denoising", "sr3")
+#: the representations each objective works on
+_OBJECTIVE_REPRESENTATIONS = {
+    "denoising": ("image", "volume", "points"),
+    "sr3": ("image", "volume"),
+    "regression": ("image", "volume"),
+    "heat_restoration": ("points",),
+}
 REPRESENTATIONS = ("image", "volume", "points")
 #: the Denoiser's representation for each prior representation
 DENOISER_REPRESENTATION = {"image": "grid", "volume": "grid", "points": "points"}
@@ -42,7 +68,9 @@ class PriorMetadata:
     ``normalisation`` is ``{"scale": s, "offset": o}`` (see the module doc). ``diffusion``
     rebuilds the denoiser (:func:`denoiser_config`), ``network`` the network
     (``cryoprior.networks.network_config``). ``data`` holds the training-data summary and the
-    split (names or ids of the train / val / test items).
+    split (names or ids of the train / val / test items). ``objective`` is
+    ``{"kind": one of OBJECTIVES, **its parameters}`` (module docstring); ``diffusion`` is
+    empty for objectives that are not diffusion models.
     """
 
     representation: str
@@ -57,6 +85,7 @@ class PriorMetadata:
     command: str = ""
     created: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    objective: dict[str, Any] = field(default_factory=lambda: {"kind": "denoising"})
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
@@ -91,12 +120,28 @@ class PriorMetadata:
         if not math.isfinite(norm["offset"]):
             raise InputError(f"normalisation offset must be finite, got {norm['offset']}")
         self.normalisation = {"scale": float(norm["scale"]), "offset": float(norm["offset"])}
+        if not isinstance(self.objective, Mapping) or "kind" not in self.objective:
+            raise InputError(f"objective must be a dict with a 'kind', got {self.objective!r}")
+        kind = self.objective["kind"]
+        if kind not in OBJECTIVES:
+            raise InputError(f"prior objective must be one of {OBJECTIVES}, got {kind!r}")
+        if self.representation not in _OBJECTIVE_REPRESENTATIONS[kind]:
+            raise InputError(
+                f"a {kind} prior must represent {' or '.join(_OBJECTIVE_REPRESENTATIONS[kind])}, "
+                f"not {self.representation}"
+            )
+        self.objective = dict(self.objective)
+
+    @property
+    def objective_kind(self) -> str:
+        """The objective's kind: "denoising", "sr3", "regression" or "heat_restoration"."""
+        return str(self.objective["kind"])
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form written to ``prior.json``."""
         return {
             "format": PRIOR_FORMAT,
-            "format_version": PRIOR_FORMAT_VERSION,
+            "format_version": 1 if self.objective_kind == "denoising" else PRIOR_FORMAT_VERSION,
             "representation": self.representation,
             "shape": list(self.shape),
             "pixel_size": self.pixel_size,
@@ -109,11 +154,15 @@ class PriorMetadata:
             "command": self.command,
             "created": self.created,
             "extra": self.extra,
+            "objective": dict(self.objective),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "prior.json") -> PriorMetadata:
-        """Parse the JSON form, checking the format tag and required keys."""
+        """Parse the JSON form, checking the format tag and required keys.
+
+        A file without ``objective`` (format version 1) is a denoising prior.
+        """
         if d.get("format") != PRIOR_FORMAT:
             raise InputError(f"{source} is not a cryoprior prior (format {d.get('format')!r})")
         if int(d.get("format_version", 0)) > PRIOR_FORMAT_VERSION:
@@ -121,11 +170,17 @@ class PriorMetadata:
                 f"{source} has prior format version {d['format_version']}; this cryoprior "
                 f"reads up to {PRIOR_FORMAT_VERSION}: upgrade cryoprior"
             )
-        missing = [k for k in ("representation", "shape", "diffusion", "network") if k not in d]
+        objective = d.get("objective") or {"kind": "denoising"}
+        if not isinstance(objective, Mapping):
+            raise InputError(f"{source}: objective must be a JSON object, got {objective!r}")
+        required = ["representation", "shape", "network"]
+        if objective.get("kind") in DIFFUSION_OBJECTIVES:
+            required.append("diffusion")
+        missing = [k for k in required if k not in d]
         if missing:
             raise InputError(f"{source} lacks {', '.join(missing)}")
         keys = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in keys})
+        return cls(**{**{k: v for k, v in d.items() if k in keys}, "objective": objective})
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
@@ -164,14 +219,23 @@ def build_denoiser(net: nn.Module, config: Mapping[str, Any]) -> Denoiser:
     return Denoiser(net, schedule, **config)
 
 
-@dataclass
-class Prior:
-    """A denoiser with its metadata; samples and normalisation in physical units."""
+_P = TypeVar("_P", bound="_PriorBase")
 
-    denoiser: Denoiser
+
+class _PriorBase:
+    """What every trained model file offers: metadata, physical units and checks."""
+
     metadata: PriorMetadata
 
+    def _module(self) -> nn.Module:
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ properties
+    @property
+    def objective(self) -> dict[str, Any]:
+        """What the network was trained for: ``{"kind": ..., parameters}``."""
+        return self.metadata.objective
+
     @property
     def representation(self) -> str:
         """The representation: "image", "volume" or "points"."""
@@ -196,13 +260,13 @@ class Prior:
 
     @property
     def device(self) -> torch.device:
-        """Where the denoiser's weights live."""
-        p = next(self.denoiser.parameters(), None)
+        """Where the weights live."""
+        p = next(self._module().parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
-    def to(self, device: torch.device | str) -> Prior:
-        """Move the denoiser to ``device`` (in place); returns self."""
-        self.denoiser.to(device)
+    def to(self: _P, device: torch.device | str) -> _P:
+        """Move the weights to ``device`` (in place); returns self."""
+        self._module().to(device)
         return self
 
     # ------------------------------------------------------------------ normalisation
@@ -271,6 +335,21 @@ class Prior:
         idx = torch.arange(self.shape[0])
         return (idx[None, :] < torch.tensor(counts)[:, None]).float()
 
+
+@dataclass
+class Prior(_PriorBase):
+    """A denoiser with its metadata; samples and normalisation in physical units.
+
+    Objective "denoising" (an unconditional prior) or "sr3" (a conditional denoiser; it
+    cannot :meth:`sample` without its low-resolution input).
+    """
+
+    denoiser: Denoiser
+    metadata: PriorMetadata
+
+    def _module(self) -> nn.Module:
+        return self.denoiser
+
     @torch.no_grad()
     def sample(
         self,
@@ -293,6 +372,7 @@ class Prior:
         padded nodes are 0. ``batch_size`` splits the work; ``sampler_kwargs`` go to the
         sampler (e.g. ``eta`` for DDIM).
         """
+        _require_denoising(self.metadata, "drawn unconditionally")
         if sampler not in SAMPLERS:
             raise InputError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
         if int(n) < 1 or int(steps) < 1:
@@ -323,3 +403,46 @@ class Prior:
                 x = x * m[..., None].to(x.dtype)
             out.append(x)
         return torch.cat(out)
+
+
+def _require_denoising(meta: PriorMetadata, what: str) -> None:
+    kind = meta.objective_kind
+    if kind != "denoising":
+        use = (
+            "points"
+            if kind == "heat_restoration"
+            else meta.representation.replace("volume", "map").replace("image", "images")
+        )
+        raise InputError(
+            f"this is a {kind} prior, not a denoising prior: it cannot be {what}; "
+            f"use it with `cryoprior superres {use}`"
+        )
+
+
+@dataclass
+class NetworkPrior(_PriorBase):
+    """A trained network that is not a diffusion denoiser, with its metadata.
+
+    Objectives "regression" (the SR3 regression baseline: a U-Net called as
+    ``net(up(y), 0, extra_scalars=s)``) and "heat_restoration" (an EGNN restoring
+    heat-kernel-blurred clouds, ``x̂0 = x_t + net(x_t, t, mask, h)`` in network units).
+    The network is in eval mode without gradients; ``metadata.objective`` holds the
+    parameters that use it (see ``cryoprior.train.objectives``).
+    """
+
+    net: nn.Module
+    metadata: PriorMetadata
+
+    def _module(self) -> nn.Module:
+        return self.net
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """Not available: this prior is not a diffusion model (raises InputError)."""
+        _require_denoising(self.metadata, "used as a denoiser")
+        raise AssertionError("unreachable")
+
+    def sample(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Not available: this prior is not a diffusion model (raises InputError)."""
+        _require_denoising(self.metadata, "sampled")
+        raise AssertionError("unreachable")

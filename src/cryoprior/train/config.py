@@ -6,14 +6,29 @@ config):
 - :class:`TrainConfig`: what the generic :class:`~cryoprior.train.trainer.Trainer` needs
   (steps, batch size, learning rate, EMA, checkpoint cadence, seed, device, ...).
 - the *run config*: a plain nested dict with the sections ``data``, ``network``,
-  ``diffusion``, ``train`` and ``output``, read from TOML or JSON, overridden from the
-  command line with ``--set section.key=value``, resolved against the defaults below and
-  saved with the run (``config.json``: the resolved config, cryoprior version, command line,
-  time and host), so that a run can be repeated exactly.
+  ``diffusion``, ``objective``, ``train`` and ``output``, read from TOML or JSON,
+  overridden from the command line with ``--set section.key=value``, resolved against the
+  defaults below and saved with the run (``config.json``: the resolved config, cryoprior
+  version, command line, time and host), so that a run can be repeated exactly.
 
-Unknown sections and unknown keys in ``train`` / ``output`` / ``diffusion`` are an
-:class:`~cryoprior.core.errors.InputError` naming the key; ``data`` keys are checked by the
-data builder of the chosen kind and ``network`` keys by the network registry.
+Unknown sections and unknown keys in ``train`` / ``output`` / ``diffusion`` /
+``objective`` are an :class:`~cryoprior.core.errors.InputError` naming the key; ``data``
+keys are checked by the data builder of the chosen kind and ``network`` keys by the network
+registry.
+
+``[objective]`` says what is trained (:data:`OBJECTIVE_DEFAULTS` lists every kind's keys;
+``cryoprior.train.objectives`` builds the model and loss):
+
+- ``kind = "denoising"`` (default when the section is absent): a diffusion prior,
+  denoising score matching with the ``[diffusion]`` section.
+- ``kind = "heat_restoration"``: an EGNN cold-diffusion restorer of point clouds under the
+  heat-kernel blur (``max_radius`` Å, ``process`` "gaussian" or "semigroup", ``schedule``,
+  ``length_scale`` Å, ``noise_std`` Å, ``node_features`` "elements", "none" or "auto").
+- ``kind = "sr3"``: a conditional U-Net denoiser for super-resolution by ``factors``
+  (low-resolution inputs made on the fly by ``cryoprior.physics.degrade``: optional
+  ``blur`` to a resolution, Fourier cropping, white noise of ``noise_std`` in network
+  units), trained with the ``[diffusion]`` section's loss.
+- ``kind = "regression"``: the same U-Net trained by L2 regression (SR3's baseline).
 """
 
 from __future__ import annotations
@@ -40,7 +55,7 @@ from cryoprior.core.errors import InputError
 from cryoprior.core.files import write_text_atomic
 from cryoprior.geometry.grids import coordinate_grid
 
-SECTIONS = ("data", "network", "diffusion", "train", "output")
+SECTIONS = ("data", "network", "diffusion", "objective", "train", "output")
 
 # Defaults of the free-form sections; the ``train`` defaults are TrainConfig's.
 DIFFUSION_DEFAULTS: dict[str, Any] = {
@@ -57,6 +72,27 @@ DIFFUSION_DEFAULTS: dict[str, Any] = {
     "target": None,  # space of the squared error; None: the prediction's
     "t_sampling": "uniform",  # "uniform", "stratified" or "lognormal"
     "t_min": 1e-3,
+}
+_SR_DEFAULTS: dict[str, Any] = {
+    "factors": [2],  # super-resolution factors; one is drawn per batch
+    "upsample": "fourier",  # how the low-res input is put on the high-res grid: or "linear"
+    "noise_std": 0.0,  # white noise on the low-res input, network units (x / data scale)
+    "blur": None,  # blur the high-res item first: None, "nyquist" (to 2 px_low) or Å
+    "resolution_scale": 10.0,  # Å; the network embeds resolutions / this
+}
+#: ``[objective]`` keys of every kind, with their defaults (see the module docstring)
+OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "denoising": {},
+    "heat_restoration": {
+        "max_radius": 3.0,  # Å, blur radius σ(1) of the forward process
+        "process": "gaussian",  # "gaussian" (mean-shift blur) or "semigroup" (exp(-tL))
+        "schedule": "linear",  # σ(t) = max_radius · t ("linear") or · t² ("quadratic")
+        "length_scale": 3.0,  # Å, graph scale of the semigroup (unused by "gaussian")
+        "noise_std": 0.0,  # Å, zero-COM Gaussian noise on the blurred cloud
+        "node_features": "auto",  # "elements" (one-hot atom types), "none" or "auto"
+    },
+    "sr3": dict(_SR_DEFAULTS),
+    "regression": {**_SR_DEFAULTS, "residual": False},  # residual: x̂ = up(y) + net(up(y))
 }
 OUTPUT_DEFAULTS: dict[str, Any] = {
     "dir": None,  # run folder; default runs/<config file stem>
@@ -243,7 +279,8 @@ def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     ``data`` must name a ``kind`` of :data:`DATA_KINDS` and only that builder's keys;
     ``network`` is passed on as given (the network registry checks it when the network is
-    built); ``diffusion``, ``train`` and ``output`` are checked key by key.
+    built); ``diffusion``, ``objective``, ``train`` and ``output`` are checked key by key
+    (``objective`` defaults to ``{"kind": "denoising"}``).
     """
     for key in cfg:
         if key not in SECTIONS:
@@ -262,15 +299,70 @@ def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         )
     if not isinstance(diffusion["schedule_params"], Mapping):
         raise InputError("diffusion.schedule_params must be a table of key = value")
+    objective = resolve_objective(cfg.get("objective", {}))
     train = TrainConfig.from_dict(cfg.get("train", {})).to_dict()
     output = _with_defaults("output", cfg.get("output", {}), OUTPUT_DEFAULTS)
     return {
         "data": data,
         "network": network,
         "diffusion": diffusion,
+        "objective": objective,
         "train": train,
         "output": output,
     }
+
+
+def resolve_objective(section: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``[objective]`` section checked and completed with its kind's defaults.
+
+    An empty section is ``{"kind": "denoising"}``. Raises :class:`InputError` naming an
+    unknown kind or key, or an invalid value.
+    """
+    kind = section.get("kind", "denoising")
+    if kind not in OBJECTIVE_DEFAULTS:
+        raise InputError(
+            f"unknown objective.kind {kind!r}; known: {', '.join(sorted(OBJECTIVE_DEFAULTS))}"
+        )
+    given = {k: v for k, v in section.items() if k != "kind"}
+    obj = {"kind": kind, **_with_defaults(f"objective ({kind})", given, OBJECTIVE_DEFAULTS[kind])}
+
+    def bad(key: str, what: str) -> InputError:
+        return InputError(f"objective.{key} must be {what}, got {obj[key]!r}")
+
+    if kind == "heat_restoration":
+        if not (_is_num(obj["max_radius"]) and obj["max_radius"] > 0):
+            raise bad("max_radius", "a number > 0 (Å)")
+        if not (_is_num(obj["length_scale"]) and obj["length_scale"] > 0):
+            raise bad("length_scale", "a number > 0 (Å)")
+        if not (_is_num(obj["noise_std"]) and obj["noise_std"] >= 0):
+            raise bad("noise_std", "a number >= 0 (Å)")
+        if obj["process"] not in ("gaussian", "semigroup"):
+            raise bad("process", '"gaussian" or "semigroup"')
+        if obj["schedule"] not in ("linear", "quadratic"):
+            raise bad("schedule", '"linear" or "quadratic"')
+        if obj["node_features"] not in ("auto", "elements", "none"):
+            raise bad("node_features", '"auto", "elements" or "none"')
+    elif kind in ("sr3", "regression"):
+        factors = obj["factors"]
+        if isinstance(factors, (int, float)) and not isinstance(factors, bool):
+            factors = obj["factors"] = [factors]
+        if not (
+            isinstance(factors, list) and factors and all(_is_num(f) and f > 1 for f in factors)
+        ):
+            raise bad("factors", "a list of numbers > 1, e.g. [2, 4]")
+        obj["factors"] = [int(f) if float(f).is_integer() else float(f) for f in factors]
+        if obj["upsample"] not in ("fourier", "linear"):
+            raise bad("upsample", '"fourier" or "linear"')
+        if not (_is_num(obj["noise_std"]) and obj["noise_std"] >= 0):
+            raise bad("noise_std", "a number >= 0 (network units)")
+        blur = obj["blur"]
+        if not (blur is None or blur == "nyquist" or (_is_num(blur) and blur > 0)):
+            raise bad("blur", 'null, "nyquist" or a resolution > 0 Å')
+        if not (_is_num(obj["resolution_scale"]) and obj["resolution_scale"] > 0):
+            raise bad("resolution_scale", "a number > 0 (Å)")
+        if kind == "regression" and not isinstance(obj["residual"], bool):
+            raise bad("residual", "true or false")
+    return obj
 
 
 def _with_defaults(section: str, given: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:
@@ -737,6 +829,156 @@ def calpha_clouds(
     )
 
 
+def ccd_molecules(
+    seed: int,
+    n_train: int = 4000,
+    n_val: int = 200,
+    n_test: int = 200,
+    max_atoms: int = 60,
+    min_atoms: int = 5,
+    organic_only: bool = True,
+    rotations: str = "random",
+) -> PriorData:
+    """Heavy-atom conformers of small molecules from the PDB Chemical Component Dictionary
+    (``cryoprior.data.molecules``, needs biotite): ``n_train`` / ``n_val`` / ``n_test``
+    components with ``min_atoms..max_atoms`` heavy atoms, split by molecule identity (a
+    stable hash of the component id; the test ids are recorded, never trained on). Items
+    carry the atom types ("types"); the length scale (Å per unit) is the training
+    conformers' mean radius of gyration."""
+    from cryoprior.data.molecules import ConformerDataset, select_ccd_conformers
+
+    confs = select_ccd_conformers(
+        {"train": n_train, "validation": n_val, "test": n_test},
+        max_heavy_atoms=max_atoms,
+        min_heavy_atoms=min_atoms,
+        organic_only=organic_only,
+    )
+    if not confs["train"]:
+        raise InputError("no CCD conformers were selected for training; raise data.n_train")
+    names = {s: [c.name for c in cs] for s, cs in confs.items()}
+    kw = dict(max_atoms=max_atoms, rotations=rotations, split=names)
+    train = ConformerDataset(confs["train"], seed=seed, **kw)
+    val = (
+        ConformerDataset(confs["validation"], scale=train.scale, seed=seed + 1, **kw)
+        if confs["validation"]
+        else None
+    )
+    return PriorData(
+        train=train,
+        val=val,
+        representation="points",
+        shape=(max_atoms, 3),
+        pixel_size=None,
+        normalisation={"scale": train.scale, "offset": 0.0},
+        summary={
+            "kind": "molecules",
+            "source": "PDB Chemical Component Dictionary (ideal coordinates, via biotite)",
+            "atoms": "heavy atoms",
+            "seed": seed,
+            "max_atoms": max_atoms,
+            "min_atoms": min_atoms,
+            "organic_only": organic_only,
+            "rotations": rotations,
+            "n_train": len(train),
+            "n_val": 0 if val is None else len(val),
+            "n_test": len(names["test"]),
+            "scale": train.scale,
+            "units": "Å / scale",
+            "normalisation_source": "mean radius of gyration of the training conformers",
+            "split_method": "sha256 of the component id (cryoprior.data.molecules)",
+        },
+        split=names,
+    )
+
+
+def render_projections(maps: Any, n_per_structure: int, seed: int) -> torch.Tensor:
+    """Projections (n_structures · n_per_structure, 1, D, D) in Å^-1 of the unrotated maps
+    of a ``MapDataset`` (``rotations="none"``, one item per structure): structure k is
+    projected by :class:`cryoprior.physics.projection.Projector` in ``n_per_structure``
+    orientations drawn uniformly from SO(3) with the generator of (seed, k), and the
+    voxel sums are multiplied by the pixel size (a line integral in Å)."""
+    from cryoprior.data.volumes import item_generator
+    from cryoprior.geometry.rotations import random_rotations
+    from cryoprior.physics.projection import Projector
+
+    if maps.rotations != "none" or maps.n_per_structure != 1:
+        raise InputError("render_projections needs a MapDataset with rotations='none', 1 item each")
+    out = []
+    for k in range(len(maps)):
+        rot = random_rotations(int(n_per_structure), item_generator(seed, k), torch.float64)
+        volume = maps.render(k).to(torch.float64)
+        out.append(Projector(volume).project(rot).float() * float(maps.pixel_size))
+    return torch.cat(out).unsqueeze(1)
+
+
+def protein_projections(
+    seed: int,
+    box: int = 32,
+    pixel_size: float = 3.0,
+    n_per_structure: int = 32,
+    bfactor: float | str = "auto",
+    corpus: str | None = None,
+) -> PriorData:
+    """Particle-like images: projections of the corpus's maps in random orientations.
+
+    Each structure is rendered once, centred, as its band-limited potential
+    (``cryoprior.data.volumes.MapDataset``, ``rotations="none"``) and projected in
+    ``n_per_structure`` orientations drawn uniformly from SO(3) with a generator seeded by
+    (seed, structure index) by the Fourier-slice projector
+    (:class:`cryoprior.physics.projection.Projector`): image(x, y) = ∫ V(Rᵀ(x, y, z)) dz
+    in Å^-1, a clean projection in the project's convention (no CTF, no noise). Split by
+    protein identity (the corpus's split); normalised by the mean and standard deviation of
+    the training images.
+    """
+    from cryoprior.data.volumes import MapDataset
+
+    if not (_is_int(n_per_structure) and n_per_structure >= 1):
+        raise InputError(f"data.n_per_structure must be an integer >= 1, got {n_per_structure}")
+    records, names = _corpus_records(corpus)
+    kw = dict(
+        box=box,
+        pixel_size=pixel_size,
+        rotations="none",
+        bfactor=bfactor,
+        on_oversize="skip",
+        split=names,
+    )
+
+    train_maps = MapDataset(records["train"], **kw)
+    train = render_projections(train_maps, n_per_structure, seed)
+    val = None
+    if records["validation"]:
+        val = render_projections(MapDataset(records["validation"], **kw), n_per_structure, seed + 1)
+    offset, scale = float(train.mean()), float(train.std())
+    summary = {
+        k: v
+        for k, v in train_maps.metadata.items()
+        if k not in ("names", "split", "scale", "scale_source", "units", "rotations")
+    }
+    summary.update(
+        kind="projections",
+        format="Fourier-slice projections of MapDataset maps (cubic kernel, pad 2)",
+        rotations="uniform on SO(3), seeded by (seed, structure index)",
+        n_per_structure=n_per_structure,
+        seed=seed,
+        units="projected potential (Å^-1)",
+        normalisation_source="mean and std of the training images",
+        n_train=len(train),
+        n_val=0 if val is None else len(val),
+        corpus=corpus or "shipped",
+    )
+    return PriorData(
+        train=TensorItems((train - offset) / scale),
+        val=None if val is None else TensorItems((val - offset) / scale),
+        representation="image",
+        shape=(1, box, box),
+        pixel_size=float(pixel_size),
+        normalisation={"scale": scale, "offset": offset},
+        summary=summary,
+        split=names,
+    )
+
+
 DataBuilder = Callable[..., PriorData]
 
 #: ``[data] kind`` → builder(seed=..., **the other keys of [data])
@@ -748,6 +990,8 @@ DATA_KINDS: dict[str, DataBuilder] = {
     "digits": digit_images,
     "maps": protein_maps,
     "calpha": calpha_clouds,
+    "molecules": ccd_molecules,
+    "projections": protein_projections,
 }
 
 
@@ -792,9 +1036,45 @@ def build_data(section: Mapping[str, Any], seed: int) -> PriorData:
     return builder(**kwargs)
 
 
-def complete_network_config(network: Mapping[str, Any], data: PriorData) -> dict[str, Any]:
+def complete_objective(objective: Mapping[str, Any], data: PriorData) -> dict[str, Any]:
+    """The resolved ``[objective]`` checked against the data, with the keys that follow
+    from it filled in: ``node_features = "auto"`` becomes "elements" when the items carry
+    atom types ("types") and "none" otherwise. Raises :class:`InputError` when the data do
+    not suit the objective (a factor that does not divide the box, grid data for a point
+    objective, ...)."""
+    from cryoprior.physics.degrade import resampled_shape
+
+    obj = copy.deepcopy(dict(objective))
+    kind = obj["kind"]
+    if kind == "heat_restoration":
+        if data.representation != "points":
+            raise InputError(
+                f"objective heat_restoration needs point-cloud data, not {data.representation}"
+            )
+        has_types = isinstance(data.train[0], Mapping) and "types" in data.train[0]
+        if obj["node_features"] == "auto":
+            obj["node_features"] = "elements" if has_types else "none"
+        if obj["node_features"] == "elements" and not has_types:
+            raise InputError(
+                'objective.node_features = "elements" needs items with atom types '
+                '(data kind "molecules"); use "none"'
+            )
+    elif kind in ("sr3", "regression"):
+        if data.representation not in ("image", "volume"):
+            raise InputError(f"objective {kind} needs image or volume data")
+        for f in obj["factors"]:
+            resampled_shape(data.shape[1:], f)
+    return obj
+
+
+def complete_network_config(
+    network: Mapping[str, Any], data: PriorData, objective: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """``[network]`` with the keys that follow from the data filled in when absent:
-    ``dims``/``in_channels``/``out_channels`` for a U-Net, ``in_features`` for an MLP."""
+    ``dims``/``in_channels``/``out_channels`` for a U-Net, ``in_features`` for an MLP; and
+    from the (completed) objective: ``cond_channels`` and ``n_extra_scalars = 2`` (the
+    input and output resolutions) for "sr3", ``n_extra_scalars = 2`` for "regression",
+    ``in_node_features`` (one-hot atom types or 0) for "heat_restoration"."""
     net = copy.deepcopy(dict(network))
     name = net.get("name")
     if name is None:
@@ -810,4 +1090,20 @@ def complete_network_config(network: Mapping[str, Any], data: PriorData) -> dict
         net.setdefault("in_features", math.prod(data.shape))
     elif name == "egnn" and grid:
         raise InputError(f"an EGNN needs point-cloud data, not {data.representation}")
+    kind = "denoising" if objective is None else objective["kind"]
+    if kind in ("sr3", "regression"):
+        if name != "unet":
+            raise InputError(f'objective {kind} needs network.name = "unet", got {name!r}')
+        if kind == "sr3":
+            net.setdefault("cond_channels", data.shape[0])
+        net.setdefault("n_extra_scalars", 2)
+    elif kind == "heat_restoration":
+        if name != "egnn":
+            raise InputError(
+                f'objective heat_restoration needs network.name = "egnn", got {name!r}'
+            )
+        from cryoprior.data.molecules import ELEMENTS
+
+        features = len(ELEMENTS) if objective["node_features"] == "elements" else 0
+        net.setdefault("in_node_features", features)
     return net

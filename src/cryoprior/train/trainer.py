@@ -42,21 +42,27 @@ from cryoprior import __version__
 from cryoprior.core.errors import InputError
 from cryoprior.core.files import atomic_path, write_text_atomic
 from cryoprior.core.runtime import progress, seed_everything, set_threads
-from cryoprior.diffusion import dsm_loss
 from cryoprior.networks import build_network, network_config
-from cryoprior.priors import PriorMetadata, build_denoiser, save_prior
-from cryoprior.priors.prior import DENOISER_REPRESENTATION
+from cryoprior.priors import DIFFUSION_OBJECTIVES, PriorMetadata, save_prior
 from cryoprior.train import distributed as ddp
 from cryoprior.train.config import (
     TrainConfig,
     build_data,
     command_line,
     complete_network_config,
+    complete_objective,
     config_differences,
     resolve_config,
     save_run_config,
 )
 from cryoprior.train.ema import EMA
+from cryoprior.train.objectives import (
+    build_model,
+    make_dsm_loss,  # noqa: F401  (re-exported: it used to live here)
+    make_loss,
+    objective_metadata,
+    trained_network,
+)
 from cryoprior.train.plots import plot_loss_curve, read_metrics
 
 LossFn = Callable[[nn.Module, Any, torch.Generator], torch.Tensor]
@@ -530,35 +536,6 @@ def _length(dataset: Any, what: str) -> int:
 # ----------------------------------------------------------------------------- priors
 
 
-def make_dsm_loss(diffusion: Mapping[str, Any]) -> LossFn:
-    """The trainer's loss for a diffusion prior: :func:`cryoprior.diffusion.dsm_loss` with the
-    ``[diffusion]`` section's weighting, target, time sampling and t_min. Batches are
-    tensors or dicts with ``"x"`` and an optional node ``"mask"``."""
-    target = diffusion.get("target") or diffusion.get("prediction", "eps")
-    weighting = diffusion.get("weighting", "uniform")
-    t_sampling = diffusion.get("t_sampling", "uniform")
-    t_min = float(diffusion.get("t_min", 1e-3))
-
-    def loss_fn(model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
-        if isinstance(batch, Mapping):
-            x, mask = batch["x"], batch.get("mask")
-        else:
-            x, mask = batch, None
-        loss, _ = dsm_loss(
-            model,
-            x,
-            generator=generator,
-            mask=mask,
-            weighting=weighting,
-            target=target,
-            t_sampling=t_sampling,
-            t_min=t_min,
-        )
-        return loss
-
-    return loss_fn
-
-
 @dataclass(frozen=True)
 class TrainRun:
     """What :func:`train_prior` returns: the run folder, the prior folder (None on
@@ -576,17 +553,21 @@ def train_prior(
     resume: bool = False,
     command: str | None = None,
 ) -> TrainRun:
-    """Train a diffusion prior described by a run config and write it as a prior folder.
+    """Train a prior described by a run config and write it as a prior folder.
 
-    Builds the data (``[data]``), the network (``[network]``, completed from the data's
-    shape), the denoiser and loss (``[diffusion]``), trains with :class:`Trainer`
-    (``[train]``) in ``out_dir`` and saves the EMA denoiser with
-    :func:`cryoprior.priors.save_prior` to ``out_dir / output.prior``. The resolved config
-    (with the network completed) is saved as ``out_dir/config.json`` first.
+    Builds the data (``[data]``), the objective (``[objective]``, default "denoising", see
+    :mod:`cryoprior.train.objectives`; completed from the data), the network
+    (``[network]``, completed from the data's shape and the objective), the trained model
+    (a denoiser for the diffusion objectives, with ``[diffusion]``) and its loss, trains
+    with :class:`Trainer` (``[train]``) in ``out_dir`` and saves the EMA model with
+    :func:`cryoprior.priors.save_prior` to ``out_dir / output.prior``, its objective
+    recorded in ``prior.json``. The resolved config (with the objective and network
+    completed) is saved as ``out_dir/config.json`` first.
 
     ``resume=True`` continues from ``out_dir/checkpoints/last.pt`` (if present); the data,
-    network and diffusion sections must equal the saved ones (``train`` may differ, e.g. more
-    steps). Without ``resume`` a folder that already holds a checkpoint is refused.
+    network, diffusion and objective sections must equal the saved ones (``train`` may
+    differ, e.g. more steps; a saved config without an objective was a denoising run).
+    Without ``resume`` a folder that already holds a checkpoint is refused.
     """
     cfg = resolve_config(config)
     tc = TrainConfig.from_dict(cfg["train"])
@@ -601,13 +582,15 @@ def train_prior(
         )
 
     data = build_data(cfg["data"], tc.seed)
-    cfg["network"] = complete_network_config(cfg["network"], data)
+    cfg["objective"] = complete_objective(cfg["objective"], data)
+    cfg["network"] = complete_network_config(cfg["network"], data, cfg["objective"])
     saved_path = out_dir / "config.json"
     if resume and saved_path.is_file():
         saved = json.loads(saved_path.read_text())["config"]
+        saved.setdefault("objective", {"kind": "denoising"})
         diffs = [
             d
-            for section in ("data", "network", "diffusion")
+            for section in ("data", "network", "diffusion", "objective")
             for d in config_differences(saved.get(section, {}), cfg[section], section + ".")
         ]
         if diffs:
@@ -620,20 +603,11 @@ def train_prior(
 
     seed_everything(tc.seed)
     net = build_network(dict(cfg["network"]))
-    diffusion = cfg["diffusion"]
-    schedule = {"name": diffusion["schedule"], **diffusion["schedule_params"]}
-    denoiser = build_denoiser(
-        net,
-        {
-            "schedule": schedule,
-            "prediction": diffusion["prediction"],
-            "c_noise": diffusion["c_noise"],
-            "precondition": diffusion["precondition"],
-            "sigma_data": diffusion["sigma_data"],
-            "representation": DENOISER_REPRESENTATION[data.representation],
-        },
-    )
-    trainer = Trainer(denoiser, make_dsm_loss(diffusion), data.train, data.val, tc, out_dir)
+    diffusion, objective = cfg["diffusion"], cfg["objective"]
+    model = build_model(objective, net, diffusion, data)
+    loss_fn = make_loss(objective, diffusion, data)
+    trainer = Trainer(model, loss_fn, data.train, data.val, tc, out_dir)
+    is_diffusion = objective["kind"] in DIFFUSION_OBJECTIVES
     try:
         resumed = trainer.resume() if resume else False
         summary = trainer.fit()
@@ -644,7 +618,7 @@ def train_prior(
                 shape=data.shape,
                 pixel_size=data.pixel_size,
                 normalisation=data.normalisation,
-                network=network_config(trainer.ema_model.net),
+                network=network_config(trained_network(trainer.ema_model)),
                 data={"summary": data.summary, "split": data.split},
                 training={
                     "steps": summary.step,
@@ -652,14 +626,17 @@ def train_prior(
                     "final_val_loss": summary.val_loss,
                     "wall_time_s": round(summary.elapsed, 1),
                     "world_size": trainer.env.world_size,
-                    "loss": {
-                        k: diffusion[k] for k in ("weighting", "target", "t_sampling", "t_min")
-                    },
+                    "loss": (
+                        {k: diffusion[k] for k in ("weighting", "target", "t_sampling", "t_min")}
+                        if is_diffusion
+                        else {"objective": objective["kind"]}
+                    ),
                     "run_dir": str(out_dir),
                     "config": cfg,
                 },
                 cryoprior_version=__version__,
                 command=command if command is not None else command_line(),
+                objective=objective_metadata(objective, data),
             )
             prior_dir = save_prior(out_dir / cfg["output"]["prior"], trainer.ema_model, meta)
         ddp.barrier(trainer.env)
