@@ -10,7 +10,13 @@ import torch
 from cryoprior.core.errors import InputError
 from cryoprior.geometry.fft import fftn_c
 from cryoprior.geometry.grids import frequency_grid
-from cryoprior.networks.mfn import BACON, ResidualMFN, lattice_directions, render_grid
+from cryoprior.networks.mfn import (
+    BACON,
+    ResidualMFN,
+    lattice_directions,
+    marching_fractions,
+    render_grid,
+)
 from cryoprior.networks.registry import build_network, network_config, register_network
 
 
@@ -187,3 +193,86 @@ def test_config_round_trip(name, cls, gen):
     x = torch.rand(10, 3, generator=gen) - 0.5
     for a, b in zip(net(x), rebuilt(x), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_marching_fractions_match_residual_bands():
+    torch.manual_seed(0)
+    for layers in (1, 2, 3):
+        residual = ResidualMFN(hidden_features=4, num_layers=layers, box_size=64)
+        bacon = BACON(
+            hidden_features=4,
+            num_layers=layers,
+            box_size=64,
+            band_fractions=marching_fractions(layers),
+            quantize=False,
+        )
+        assert bacon.bands == pytest.approx(residual.bands)
+    assert sum(marching_fractions(3, 0.3, 0.7)) == pytest.approx(1.0)
+    assert marching_fractions(2, 0.3, 0.7)[0] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_residual_bacon_init_is_band_limited_and_residual(dtype, gen):
+    torch.manual_seed(0)
+    net = ResidualMFN(
+        hidden_features=16, num_layers=2, box_size=32, init="bacon", quantize=True
+    ).to(dtype)
+    # default fractions: the marching bands, floored to integers by the quantisation
+    fractions = marching_fractions(2)
+    assert net.bands == [
+        sum(float(int(f * 16 + 1e-9)) for f in fractions[: i + 2]) for i in range(2)
+    ]
+    for f, frac in zip(net.filters, fractions, strict=True):
+        assert f.frequency.abs().max() <= int(frac * 16 + 1e-9)
+    with torch.no_grad():
+        vols = [render_grid(net, 40, scale=i) for i in (1, 2)]
+    for vol, band in zip(vols, net.bands, strict=True):
+        assert energy_outside(vol, band) < 1e-6
+    x = torch.rand(20, 3, generator=gen, dtype=dtype) - 0.5
+    outs, feats = net(x), net.features(x)
+    torch.testing.assert_close(outs[1], net.heads[0](feats[0]) + net.heads[1](feats[1]))
+    with pytest.raises(InputError, match="init"):
+        ResidualMFN(init="random")
+    with pytest.raises(InputError, match="band_fractions"):
+        ResidualMFN(band_fractions=[0.5, 0.5, 0.0, 0.0])
+
+
+def test_marching_init_misses_lowest_band_and_base_output_fills_it(gen):
+    # every frequency f_1 ± f_0 of output 1 has a component >= (offset - spread - 1) b_0
+    torch.manual_seed(2)
+    net = ResidualMFN(hidden_features=32, num_layers=2, box_size=64)
+    b0 = 32 / 3.3**2
+    f0, f1 = net.filters[0].frequency.double(), net.filters[1].frequency.double()
+    for sign in (1.0, -1.0):
+        sums = f1[:, None, :] + sign * f0[None, :, :]  # all (j, i) pairs
+        assert float(sums.abs().amax(-1).min()) >= 0.7 * b0 - 1e-9
+    # the base head adds a function of the first filter (band b_0) to every output
+    torch.manual_seed(2)
+    based = ResidualMFN(hidden_features=32, num_layers=2, box_size=64, base_output=True)
+    assert based.config["base_output"] and based.base_head is not None
+    x = torch.rand(30, 3, generator=gen) - 0.5
+    outs, feats = based(x), based.features(x)
+    base = based.base_head(based.filters[0](x))
+    torch.testing.assert_close(outs[0], base + based.heads[0](feats[0]))
+    torch.testing.assert_close(outs[1], outs[0] + based.heads[1](feats[1]))
+    rebuilt = build_network(json.loads(json.dumps(network_config(based))))
+    rebuilt.load_state_dict(based.state_dict())
+    torch.testing.assert_close(rebuilt(x)[1], outs[1])
+
+
+def test_render_grid_rigid_motion(gen):
+    net = make_bacon(box_size=16).double()
+    a = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))[0]
+    a = a * torch.sign(torch.linalg.det(a))  # a proper rotation
+    t = torch.tensor([0.05, -0.1, 0.02], dtype=torch.float64)
+    with torch.no_grad():
+        moved = render_grid(net, 9, rotation=a, shift=t)
+        # voxel [z, y, x] = [1, 5, 7] sits at (x, y, z) = ((7, 5, 1) - 4) / 9
+        r = (torch.tensor([7.0, 5.0, 1.0], dtype=torch.float64) - 4) / 9
+        want = net((a.T @ (r - t))[None])[-1][0, 0]
+        assert torch.allclose(moved[1, 5, 7], want)
+        plain = render_grid(net, 9)
+        same = render_grid(net, 9, rotation=torch.eye(3, dtype=torch.float64), shift=t * 0)
+        torch.testing.assert_close(same, plain)
+    with pytest.raises(InputError, match="rotation"):
+        render_grid(net, 9, rotation=torch.eye(2))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 
 from cryoprior.cli._common import add_common_args, output_dir, run_record, write_json
+from cryoprior.cli.reconstruct_mfn import add_mfn_args, run_mfn
 from cryoprior.core.containers import Volume
 from cryoprior.core.runtime import set_threads
 from cryoprior.io.mrc import write_map
@@ -38,9 +39,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("star", help="RELION particle STAR file with poses (and CTF)")
     p.add_argument(
         "--method",
-        choices=["wiener"],
+        choices=["wiener", "mfn"],
         default="wiener",
-        help="reconstruction method (default: wiener back-projection)",
+        help="reconstruction method: wiener back-projection (default) or mfn (coordinate network "
+        "fitted coarse to fine with pose refinement)",
     )
     p.add_argument(
         "--ssnr",
@@ -65,6 +67,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eta", type=float, default=0.5, help="DDIM eta (default 0.5)")
     g.add_argument("--write-samples", action="store_true", help="write every sample's map")
     p.add_argument("-o", "--out", default="reconstruction", help="output folder")
+    add_mfn_args(p)
     add_common_args(p)
 
 
@@ -75,6 +78,10 @@ def main(args: argparse.Namespace) -> int:
     source.require_poses("reconstruction")
     if args.prior is not None:
         return _main_prior(args, source)
+    if args.method == "mfn":
+        summary = run_mfn(args, source, output_dir(args.out))
+        print(f"MFN reconstruction of {len(source)} particles -> {summary.get('map', args.out)}")
+        return 0
     ssnr = args.ssnr if args.ssnr == "fsc" else float(args.ssnr)
     result = reconstruct_source(
         source,

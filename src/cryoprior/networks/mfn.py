@@ -112,6 +112,56 @@ def _resolve_max_frequency(max_frequency: float | None, box_size: int) -> float:
     return value
 
 
+def _check_fractions(band_fractions: list[float] | None, num_layers: int) -> list[float]:
+    """BACON's per-filter band fractions: equal shares 1/(L + 1) by default, else checked."""
+    if band_fractions is None:
+        return [1.0 / (num_layers + 1)] * (num_layers + 1)
+    fractions = [float(f) for f in band_fractions]
+    require(
+        len(fractions) == num_layers + 1
+        and all(f >= 0 for f in fractions)
+        and sum(fractions) <= 1 + 1e-9,
+        f"band_fractions needs {num_layers + 1} values >= 0 summing to <= 1 "
+        f"(one per filter), got {band_fractions!r}",
+    )
+    return fractions
+
+
+def _uniform_band_frequencies(
+    fractions: list[float], fmax: float, shape: tuple[int, int], quantize: bool
+) -> tuple[list[torch.Tensor], list[float]]:
+    """BACON's init (Lindell et al. 2022, §3.2): filter k uniform in [-B_k, B_k]^d.
+
+    B_k = fraction_k · fmax cycles/box; with ``quantize`` B_k is floored to an integer and
+    the frequencies are integers in {-B_k, ..., B_k}. Returns the frequencies and the B_k.
+    """
+    frequencies, limits = [], []
+    for fraction in fractions:
+        b = fraction * fmax
+        if quantize:
+            b = float(math.floor(b + 1e-9))
+            f = torch.randint(-int(b), int(b) + 1, shape).to(torch.float64)
+        else:
+            f = (2.0 * torch.rand(shape, dtype=torch.float64) - 1.0) * b
+        frequencies.append(f)
+        limits.append(b)
+    return frequencies, limits
+
+
+def marching_fractions(num_layers: int, spread: float = 0.3, offset: float = 2.0) -> list[float]:
+    """BACON band fractions giving the bands of a frequency-marching :class:`ResidualMFN`.
+
+    With growth g = 1 + spread + offset the residual MFN's output i reaches
+    max_frequency / g^(L-i); filter fractions [g^-L, g^-(L-1) - g^-L, ..., 1 - 1/g] give a
+    BACON (continuous frequencies) exactly the same band per output, so the two can be
+    compared stage by stage.
+    """
+    require(num_layers >= 1, f"num_layers must be >= 1, got {num_layers}")
+    growth = 1.0 + spread + offset
+    cumulative = [growth ** -(num_layers - i) for i in range(num_layers + 1)]
+    return [cumulative[0]] + [cumulative[i] - cumulative[i - 1] for i in range(1, num_layers + 1)]
+
+
 class MultiplicativeFilterNetwork(nn.Module):
     """Shared MFN body: filters g_0..g_L, layers W_1..W_L, heads 1..L, stage control.
 
@@ -140,6 +190,7 @@ class MultiplicativeFilterNetwork(nn.Module):
         self.heads = nn.ModuleList(
             _mfn_linear(hidden, out_features, out_bias) for _ in range(self.num_layers)
         )
+        self.base_head: nn.Linear | None = None
         self.stage = self.num_layers
 
     def set_stage(self, k: int) -> None:
@@ -180,9 +231,17 @@ class MultiplicativeFilterNetwork(nn.Module):
         i is band-limited to ``self.bands[i - 1]`` cycles per box in every component.
         """
         outs: list[torch.Tensor] = []
+        base = None
+        if self.base_head is not None:
+            self._check_coords(coords)
+            base = self.base_head(self.filters[0](coords))
         for head, z in zip(self.heads, self.features(coords), strict=False):
             y = head(z)
-            outs.append(outs[-1] + y if self.residual and outs else y)
+            if outs and self.residual:
+                y = outs[-1] + y
+            elif base is not None:
+                y = base + y
+            outs.append(y)
         return outs
 
 
@@ -231,17 +290,7 @@ class BACON(MultiplicativeFilterNetwork):
         super().__init__()
         _check_common(in_features, out_features, hidden_features, num_layers, box_size)
         fmax = _resolve_max_frequency(max_frequency, box_size)
-        if band_fractions is None:
-            fractions = [1.0 / (num_layers + 1)] * (num_layers + 1)
-        else:
-            fractions = [float(f) for f in band_fractions]
-            require(
-                len(fractions) == num_layers + 1
-                and all(f >= 0 for f in fractions)
-                and sum(fractions) <= 1 + 1e-9,
-                f"band_fractions needs {num_layers + 1} values >= 0 summing to <= 1 "
-                f"(one per filter), got {band_fractions!r}",
-            )
+        fractions = _check_fractions(band_fractions, num_layers)
         self.config = {
             "in_features": int(in_features),
             "out_features": int(out_features),
@@ -254,17 +303,9 @@ class BACON(MultiplicativeFilterNetwork):
             "hidden_bias": bool(hidden_bias),
             "out_bias": bool(out_bias),
         }
-        shape = (hidden_features, in_features)
-        frequencies, limits = [], []
-        for fraction in fractions:
-            b = fraction * fmax
-            if quantize:
-                b = float(math.floor(b + 1e-9))
-                f = torch.randint(-int(b), int(b) + 1, shape).to(torch.float64)
-            else:
-                f = (2.0 * torch.rand(shape, dtype=torch.float64) - 1.0) * b
-            frequencies.append(f)
-            limits.append(b)
+        frequencies, limits = _uniform_band_frequencies(
+            fractions, fmax, (hidden_features, in_features), quantize
+        )
         #: L∞ band limit of output i (cycles/box): Σ_{k≤i} B_k.
         self.bands = [sum(limits[: i + 1]) for i in range(1, num_layers + 1)]
         self._build(frequencies, out_features, hidden_bias, out_bias)
@@ -293,12 +334,26 @@ class ResidualMFN(MultiplicativeFilterNetwork):
     on the box); filters whose band is below 1 cycle/box then become constants, so use it
     only when b_0 ≥ 1 (large boxes or few layers). Default: continuous, as in the paper.
 
+    ``init="bacon"`` keeps the residual outputs but draws the filters as :class:`BACON`
+    does (uniform in [-B_k, B_k], B_k = band_fractions[k] · max_frequency; default
+    :func:`marching_fractions`, i.e. the same bands as the marching init), the paper's
+    baseline initialisation; ``spread`` and ``offset`` then only set those default bands.
+
     Args:
         in_features, out_features, hidden_features, num_layers, box_size, max_frequency,
         hidden_bias, out_bias: as in :class:`BACON` (default L = 3, hidden bias off).
         spread: λ_1, relative half-width of each new frequency cube (paper: 0.3).
         offset: λ_2, distance of the cube centres in units of the previous band (paper: 2).
         quantize: integer frequencies (cycles/box), see above.
+        init: ``"marching"`` (the paper's new initialisation) or ``"bacon"``.
+        band_fractions: per-filter fractions of ``max_frequency`` for ``init="bacon"``.
+        base_output: add a linear head on the first filter, y_0 = head_0(g_0(x)), to every
+            output (y_1 = y_0 + head_1(z_1), ...). Not in the authors' code, where output 1
+            holds only the sums f_1 ± f_0: with the marching init every such frequency has a
+            component of at least (offset - spread - 1)·b_0 (0.7 b_0 for the paper's values)
+            along its lattice direction, so the lowest frequencies (in 3-D the box's overall
+            shape, the first Fourier shells) cannot be represented at all except the DC.
+            The base head fills that band (b_0 ≤ b_1, so every band limit still holds).
     """
 
     residual = True
@@ -316,12 +371,20 @@ class ResidualMFN(MultiplicativeFilterNetwork):
         quantize: bool = False,
         hidden_bias: bool = False,
         out_bias: bool = True,
+        init: str = "marching",
+        band_fractions: list[float] | None = None,
+        base_output: bool = False,
     ) -> None:
         super().__init__()
         _check_common(in_features, out_features, hidden_features, num_layers, box_size)
         fmax = _resolve_max_frequency(max_frequency, box_size)
         require_positive(spread, "spread")
         require(offset >= 0, f"offset must be >= 0, got {offset}")
+        require(init in ("marching", "bacon"), f"init must be 'marching' or 'bacon', got {init!r}")
+        require(
+            band_fractions is None or init == "bacon",
+            "band_fractions applies only to init='bacon' (the marching init sets its own bands)",
+        )
         self.config = {
             "in_features": int(in_features),
             "out_features": int(out_features),
@@ -334,11 +397,25 @@ class ResidualMFN(MultiplicativeFilterNetwork):
             "quantize": bool(quantize),
             "hidden_bias": bool(hidden_bias),
             "out_bias": bool(out_bias),
+            "init": init,
+            "band_fractions": None
+            if band_fractions is None
+            else [float(f) for f in band_fractions],
+            "base_output": bool(base_output),
         }
+        shape = (hidden_features, in_features)
+        if init == "bacon":
+            if band_fractions is None:
+                band_fractions = marching_fractions(num_layers, spread, offset)
+            fractions = _check_fractions(band_fractions, num_layers)
+            frequencies, limits = _uniform_band_frequencies(fractions, fmax, shape, quantize)
+            self.bands = [sum(limits[: i + 1]) for i in range(1, num_layers + 1)]
+            self._build(frequencies, out_features, hidden_bias, out_bias)
+            self._add_base_head(base_output, hidden_features, out_features, out_bias)
+            return
         growth = 1.0 + spread + offset
         #: b_i for i = 0..L, cycles/box (Shekarforoush et al. "new" initialisation).
         band = [fmax / growth ** (num_layers - i) for i in range(num_layers + 1)]
-        shape = (hidden_features, in_features)
         directions = lattice_directions(in_features)
 
         def uniform(b: float) -> torch.Tensor:
@@ -352,6 +429,11 @@ class ResidualMFN(MultiplicativeFilterNetwork):
             frequencies = [torch.trunc(f) for f in frequencies]
         self.bands = band[1:]
         self._build(frequencies, out_features, hidden_bias, out_bias)
+        self._add_base_head(base_output, hidden_features, out_features, out_bias)
+
+    def _add_base_head(self, on: bool, hidden: int, out_features: int, out_bias: bool) -> None:
+        if on:
+            self.base_head = _mfn_linear(hidden, out_features, out_bias)
 
 
 def render_grid(
@@ -359,16 +441,23 @@ def render_grid(
     box: int,
     scale: int | None = None,
     chunk_size: int = 65536,
+    rotation: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Evaluate output ``scale`` of an MFN on the centred D^d voxel grid, shape (D,)*d.
 
     The voxel at index j (array order [z, y, x], last axis x) sits at box-unit coordinate
     (j - D//2)/D (:func:`cryoprior.geometry.grids.coordinate_grid` with pixel size 1/D),
     so ``box`` need not equal the network's ``box_size``: a larger box samples the same
-    function more finely. ``scale`` is 1..stage (default: the active stage, the finest
-    output). For one output feature the trailing axis is dropped, else the result is
-    (D,)*d + (out_features,). Points are evaluated in chunks of ``chunk_size``; gradients
-    flow (wrap the call in ``torch.no_grad()`` for inference).
+    function more finely; a smaller one samples it more coarsely (exact for outputs whose
+    band is below the grid's Nyquist, D/2 cycles/box). ``scale`` is 1..stage (default: the
+    active stage, the finest output). For one output feature the trailing axis is dropped,
+    else the result is (D,)*d + (out_features,). Points are evaluated in chunks of
+    ``chunk_size``; gradients flow (wrap the call in ``torch.no_grad()`` for inference).
+
+    ``rotation`` (d, d) and ``shift`` (d,) (box units) render the function after a rigid
+    motion: y(Aᵀ(x - t)) with A = rotation, t = shift, i.e. the map rotated by A about the
+    origin and then moved by t. Since the network is a function, this resamples exactly.
     """
     require(isinstance(box, int) and box >= 1, f"box must be an integer >= 1, got {box!r}")
     k = net.stage if scale is None else scale
@@ -380,6 +469,17 @@ def render_grid(
     ref = net.filters[0].frequency
     shape = (box,) * net.in_features
     coords = coordinate_grid(shape, 1.0 / box, ref.dtype, ref.device).reshape(-1, net.in_features)
+    if shift is not None:
+        t = torch.as_tensor(shift, dtype=ref.dtype, device=ref.device)
+        require(t.shape == (net.in_features,), f"shift must have shape ({net.in_features},)")
+        coords = coords - t
+    if rotation is not None:
+        a = torch.as_tensor(rotation, dtype=ref.dtype, device=ref.device)
+        require(
+            a.shape == (net.in_features, net.in_features),
+            f"rotation must have shape ({net.in_features}, {net.in_features})",
+        )
+        coords = coords @ a  # rows: Aᵀ x as a row vector is x A
     out = torch.cat([net(c)[k - 1] for c in coords.split(chunk_size)])
     out = out.reshape(*shape, net.out_features)
     return out.squeeze(-1) if net.out_features == 1 else out

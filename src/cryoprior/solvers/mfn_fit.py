@@ -1,0 +1,1146 @@
+"""Coordinate-network reconstruction: fit a band-limited MFN to particle images, refining poses.
+
+The map is a multiplicative filter network V(x) = a · y_k(x) (:mod:`cryoprior.networks.mfn`:
+BACON, or the residual MFN of Shekarforoush et al., NeurIPS 2022), whose output k is
+band-limited to a known band b_k (cycles per box). Each image i is modelled as
+
+    Ŷ_i = FT[ crop( shift_{-s_i} ( CTF_i · P(R_i) FT(V) ) ) ],    R_i = exp([δ_i]×) R⁰_i,
+
+the physics core's forward model (:class:`cryoprior.physics.projection.Projector`, the CTF
+of :mod:`cryoprior.physics.ctf` on the padded slice grid, then the crop; exactly what
+:mod:`cryoprior.physics.simulator` renders), with R⁰_i the initial pose (from the STAR file),
+δ_i a small axis-angle update in the microscope frame (radians) and s_i the RELION origin
+in Å (the particle centre sits at -s_i). The loss of a batch is the squared distance
+between model and observed image spectra over the frequencies |k| ≤ band of the current
+stage (the images low-passed to the stage's band), divided by the observed power there:
+
+    L = Σ_i Σ_{|k| ≤ band} |Y_i(k) - Ŷ_i(k)|² / Σ_i Σ_{|k| ≤ band} |Y_i(k)|².
+
+Stages (coarse to fine; Shekarforoush et al. §3.3, "frequency marching"): stage j fits
+with the network's outputs 1..k_j active and only their layers trainable
+(``set_stage(k_j)``), compares images up to its band, and runs ``epochs`` passes over the
+particles in random batches. On each batch the network takes ``net_steps`` Adam steps with
+the poses fixed, then the batch's poses take ``pose_steps`` Adam steps with the map fixed
+(alternating minimisation, as in the authors' code). Pose steps use fresh Adam moments on
+every visit, step sizes inversely proportional to the stage's band (coarse stages move
+further), and every particle keeps the best pose met during the visit, so a visit never
+increases its image's misfit for the current map.
+
+Working grid. Only frequencies below the stage's band b (cycles per box) enter the loss,
+so a stage projects on a grid D' = 2⌈b⌉ + 2 (same physical box, pixel size p·D/D') and
+compares with the Fourier-cropped images. The network (a continuous function) is
+evaluated on the smallest grid whose Nyquist exceeds its active output's band (so the
+samples do not alias) and Fourier-cropped to D'. Projections sum D' instead of D voxels
+and spectra D'² instead of D² pixels, so model spectra are scaled by (D/D')³. Coarse
+stages are many times cheaper; stages at the full band use the full grid.
+
+Initialisation. A Wiener back-projection from the initial poses
+(:func:`cryoprior.solvers.backprojection.reconstruct_source`) sets the network's output
+scale a (its standard deviation) and, with ``warm_start_steps`` > 0, a target for a short
+regression of output k_1 onto the map low-passed to the first stage's band (on the working
+grid, no projections). Nothing else is taken from it.
+
+Global frame. The data fix the map only up to a rigid motion: a map V(Aᵀ(r - c)) with
+poses R_i Aᵀ and shifts s_i + (R_i Aᵀ c)_xy explains the images equally well. The fit does
+not pin this gauge; it is anchored only by the initial poses (their errors average out).
+:func:`global_alignment` finds (A, c) against reference poses, :func:`pose_errors` reports
+errors before and after removing it, and :func:`render_aligned` renders the network in the
+reference frame exactly (the network is a function, so no interpolation is needed).
+
+Checkpoints. With ``out_dir``, the network, optimiser, poses, stage results and history
+are written atomically to ``out_dir/checkpoint.pt`` every ``checkpoint_every`` batches
+and at the end of each stage, and each stage's map to ``out_dir/stage{j}.mrc``. Batch
+order is a function of (seed, stage, epoch), so a killed run resumed with
+``resume=True`` continues exactly where its last checkpoint was written.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cryoprior.core.containers import Volume
+from cryoprior.core.errors import InputError, require, require_positive
+from cryoprior.core.files import atomic_path
+from cryoprior.core.runtime import progress, seed_everything
+from cryoprior.geometry.fft import fft2_c, fft3_c, ifft3_c
+from cryoprior.geometry.grids import frequency_grid
+from cryoprior.geometry.rotations import (
+    axis_angle_to_matrix,
+    matrix_to_euler,
+    rotation_angle,
+)
+from cryoprior.io.star import read_particle_images
+from cryoprior.networks.mfn import MultiplicativeFilterNetwork, marching_fractions, render_grid
+from cryoprior.networks.registry import build_network, network_config
+from cryoprior.physics.ctf import CTFParams, compute_ctf
+from cryoprior.physics.fourier_slice import check_kernel
+from cryoprior.physics.projection import Projector, crop_centred, padded_size
+from cryoprior.physics.shifts import shift_spectra
+from cryoprior.physics.source import ParticleSource
+
+NETWORKS = ("bacon", "residual_mfn")
+INITS = ("default", "marching", "bacon")
+POSE_MODES = ("all", "shifts", "fixed")
+CHECKPOINT_FORMAT = "cryoprior-mfn-fit"
+CHECKPOINT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the coarse-to-fine schedule.
+
+    band: low-pass of the images (and of the loss) as a fraction of the Nyquist frequency
+        (0, 1]; None uses the band of network output ``outputs`` (capped at Nyquist).
+    epochs: passes over the particle set (fractions allowed).
+    outputs: network stage k: outputs 1..k are active and only their layers train.
+    poses: ``"all"`` (refine rotations and shifts), ``"shifts"`` (shifts only) or
+        ``"fixed"``.
+    """
+
+    band: float | None
+    epochs: float
+    outputs: int
+    poses: str = "all"
+
+    def validate(self, num_layers: int) -> None:
+        """Raise InputError for a stage the network cannot run."""
+        require(
+            self.band is None or 0 < float(self.band) <= 1,
+            f"a stage band is a fraction of Nyquist in (0, 1] (or auto), got {self.band}",
+        )
+        require(
+            math.isfinite(self.epochs) and self.epochs > 0,
+            f"stage epochs must be > 0, got {self.epochs}",
+        )
+        require(
+            isinstance(self.outputs, int) and 1 <= self.outputs <= num_layers,
+            f"stage outputs must be an integer in 1..{num_layers} (the network's layers), "
+            f"got {self.outputs!r}",
+        )
+        require(
+            self.poses in POSE_MODES,
+            f"stage poses must be one of {POSE_MODES}, got {self.poses!r}",
+        )
+
+
+def parse_stages(text: str, pixel_size: float | None = None) -> tuple[Stage, ...]:
+    """Parse a stage schedule ``BAND:EPOCHS:OUTPUTS[:POSES]`` separated by commas.
+
+    BAND is a fraction of Nyquist (``0.5``), a resolution in Å (``12A``; needs
+    ``pixel_size``) or ``auto`` (the band of network output OUTPUTS). EPOCHS is the number
+    of passes over the particles; OUTPUTS the network stage k (outputs 1..k trainable).
+    POSES is ``all`` (default: refine rotations and shifts), ``shifts`` or ``fixed``.
+    Example: ``auto:1:1,0.3:1:2,0.6:2:2``.
+    """
+    stages = []
+    for item in (s.strip() for s in str(text).split(",")):
+        if not item:
+            continue
+        parts = item.split(":")
+        if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] not in POSE_MODES):
+            raise InputError(
+                f"stage {item!r}: expected BAND:EPOCHS:OUTPUTS[:POSES] with POSES one of "
+                f"{', '.join(POSE_MODES)}, e.g. 0.5:2:1 or 12A:2:2:shifts"
+            )
+        band_text = parts[0].strip()
+        try:
+            if band_text.lower() == "auto":
+                band = None
+            elif band_text[-1:] in ("A", "a", "Å"):
+                require(pixel_size is not None, "a band in Å needs the pixel size")
+                resolution = require_positive(float(band_text[:-1]), "stage resolution (Å)")
+                band = 2.0 * float(pixel_size) / resolution
+                require(
+                    band <= 1 + 1e-9,
+                    f"stage resolution {resolution} Å is finer than Nyquist "
+                    f"({2 * float(pixel_size):g} Å)",
+                )
+                band = min(band, 1.0)
+            else:
+                band = float(band_text)
+            stages.append(
+                Stage(band, float(parts[1]), int(parts[2]), parts[3] if len(parts) == 4 else "all")
+            )
+        except ValueError:
+            raise InputError(
+                f"stage {item!r}: BAND must be a number, NN A or auto; EPOCHS a number; "
+                f"OUTPUTS an integer"
+            ) from None
+    require(len(stages) > 0, f"no stages in {text!r}")
+    return tuple(stages)
+
+
+def format_stages(stages: tuple[Stage, ...]) -> str:
+    """The inverse of :func:`parse_stages` (bands as fractions of Nyquist)."""
+    return ",".join(
+        f"{'auto' if s.band is None else f'{s.band:g}'}:{s.epochs:g}:{s.outputs}"
+        + ("" if s.poses == "all" else f":{s.poses}")
+        for s in stages
+    )
+
+
+@dataclass(frozen=True)
+class MFNFitConfig:
+    """Everything that defines an MFN fit (saved with every checkpoint).
+
+    network: ``"residual_mfn"`` or ``"bacon"``; init: ``"marching"`` (the residual paper's
+    new initialisation), ``"bacon"`` (uniform in the band) or ``"default"`` (marching for
+    the residual MFN, BACON's for BACON). BACON (and ``init="bacon"``) gets the band
+    fractions of the marching init (:func:`cryoprior.networks.mfn.marching_fractions`), so
+    every network has the same band per output and only the initialisation and the
+    residual connections differ. spread/offset: λ₁, λ₂ of the marching init. max_band:
+    the band of the network's finest output as a fraction of Nyquist (below 1 the fine
+    stages run on a smaller working grid; the map cannot hold finer detail).
+    base_output: give the residual MFN a head on its first filter (see
+    :class:`cryoprior.networks.mfn.ResidualMFN`; without it the marching init cannot
+    represent the lowest Fourier shells). stages: the schedule (None: see
+    :meth:`resolved_stages`).
+    lr: network Adam step; net_steps / pose_steps: Adam steps per batch (pose_steps 0
+    disables pose refinement); pose_lr_deg: rotation step in degrees, pose_lr_angstrom:
+    shift step in Å (Adam, per particle), both at the Nyquist band and divided by the
+    stage's band fraction; refine_shifts: refine in-plane shifts too; pose_accept: keep a
+    particle's new pose only if its misfit drops by more than pose_accept times what
+    fitting noise would give (0: any decrease).
+    warm_start_steps: regression steps onto the initial back-projection (0: none).
+    pad, kernel: the projector's oversampling and Fourier interpolation.
+    """
+
+    network: str = "residual_mfn"
+    init: str = "default"
+    hidden_features: int = 128
+    num_layers: int = 2
+    max_band: float = 1.0
+    base_output: bool = True
+    spread: float = 0.3
+    offset: float = 2.0
+    stages: tuple[Stage, ...] | None = None
+    batch_size: int = 128
+    lr: float = 1e-2
+    net_steps: int = 1
+    pose_steps: int = 10
+    pose_lr_deg: float = 0.3
+    pose_lr_angstrom: float = 0.1
+    refine_shifts: bool = True
+    pose_accept: float = 0.0
+    warm_start_steps: int = 200
+    pad: float = 2.0
+    kernel: str = "linear"
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def resolved_stages(self) -> tuple[Stage, ...]:
+        """The schedule; the default runs each coarser output at its own band for one
+        epoch, then the finest output at half its band (one epoch) and its full band (two
+        epochs), e.g. ``auto:1:1,0.5:1:2,1:2:2`` for two layers and max_band 1."""
+        if self.stages is not None:
+            return tuple(self.stages)
+        last = self.num_layers
+        coarse = [Stage(None, 1.0, k) for k in range(1, last)]
+        return (*coarse, Stage(self.max_band / 2, 1.0, last), Stage(self.max_band, 2.0, last))
+
+    def validate(self) -> None:
+        """Raise InputError for values that cannot be fitted."""
+        require(
+            self.network in NETWORKS, f"network must be one of {NETWORKS}, got {self.network!r}"
+        )
+        require(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
+        require(
+            not (self.network == "bacon" and self.init == "marching"),
+            "the marching init belongs to the residual MFN; use --mfn-network residual_mfn",
+        )
+        require(self.hidden_features >= 1, "hidden_features must be >= 1")
+        require(self.num_layers >= 1, "num_layers must be >= 1")
+        require(
+            0 < self.max_band <= 1,
+            f"max_band (the network's band as a fraction of Nyquist) must be in (0, 1], "
+            f"got {self.max_band}",
+        )
+        require(self.batch_size >= 1, "batch_size must be >= 1")
+        require_positive(self.lr, "network learning rate")
+        require(self.net_steps >= 0 and self.pose_steps >= 0, "step counts must be >= 0")
+        require_positive(self.pose_lr_deg, "pose rotation step (degrees)")
+        require_positive(self.pose_lr_angstrom, "pose shift step (Å)")
+        require(self.warm_start_steps >= 0, "warm_start_steps must be >= 0")
+        require(self.pose_accept >= 0, "pose_accept must be >= 0")
+        require(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
+        check_kernel(self.kernel)
+        padded_size(8, self.pad)
+        for stage in self.resolved_stages():
+            stage.validate(self.num_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (stages as a list of dicts, the resolved schedule)."""
+        d = asdict(self)
+        d["stages"] = [asdict(s) for s in self.resolved_stages()]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MFNFitConfig:
+        """Rebuild from :meth:`to_dict`."""
+        d = dict(d)
+        if d.get("stages") is not None:
+            d["stages"] = tuple(Stage(**s) for s in d["stages"])
+        return cls(**d)
+
+
+def make_network(config: MFNFitConfig, box: int) -> MultiplicativeFilterNetwork:
+    """The network of ``config`` for a ``box``-voxel map (band up to Nyquist, box/2)."""
+    common = {
+        "in_features": 3,
+        "out_features": 1,
+        "hidden_features": config.hidden_features,
+        "num_layers": config.num_layers,
+        "box_size": box,
+        "max_frequency": config.max_band * box / 2,
+    }
+    fractions = marching_fractions(config.num_layers, config.spread, config.offset)
+    if config.network == "bacon":
+        spec = {"name": "bacon", **common, "band_fractions": fractions, "quantize": False}
+    else:
+        init = "marching" if config.init == "default" else config.init
+        spec = {
+            "name": "residual_mfn",
+            **common,
+            "spread": config.spread,
+            "offset": config.offset,
+            "init": init,
+            "base_output": config.base_output,
+        }
+    return build_network(spec)
+
+
+# ---------------------------------------------------------------------------------------
+# poses: perturbation, alignment, errors
+
+
+def perturb_poses(
+    rotations: torch.Tensor,
+    shifts: torch.Tensor | np.ndarray,
+    angle_deg: float,
+    shift_angstrom: float = 0.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Poses moved by exactly ``angle_deg`` about uniformly random axes (for experiments).
+
+    R' = exp(θ u) R with u uniform on the sphere and θ = angle_deg; shifts (Å) move by
+    ``shift_angstrom`` in a uniformly random in-plane direction. Returns (N,3,3) float64
+    rotations and (N,2) float64 shifts.
+    """
+    require(angle_deg >= 0 and shift_angstrom >= 0, "perturbations must be >= 0")
+    rot = torch.as_tensor(rotations, dtype=torch.float64)
+    sh = torch.as_tensor(np.asarray(shifts), dtype=torch.float64)
+    n = rot.shape[0]
+    g = torch.Generator().manual_seed(int(seed))
+    axis = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    axis = axis / axis.norm(dim=-1, keepdim=True)
+    phi = 2 * math.pi * torch.rand(n, generator=g, dtype=torch.float64)
+    moved = axis_angle_to_matrix(axis * math.radians(angle_deg)) @ rot
+    step = shift_angstrom * torch.stack([torch.cos(phi), torch.sin(phi)], -1)
+    return moved, sh + step
+
+
+def _project_to_rotation(m: torch.Tensor) -> torch.Tensor:
+    """The rotation nearest to a 3×3 matrix (SVD, det = +1)."""
+    u, _, vt = torch.linalg.svd(m)
+    d = torch.sign(torch.linalg.det(u @ vt))
+    fix = torch.diag(torch.stack([torch.ones_like(d), torch.ones_like(d), d]))
+    return u @ fix @ vt
+
+
+def global_alignment(
+    rotations: torch.Tensor,
+    shifts: torch.Tensor,
+    ref_rotations: torch.Tensor,
+    ref_shifts: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rigid motion (A, c) relating an estimated frame to a reference one.
+
+    A: the rotation with R_i ≈ R_ref,i A (least squares: the rotation nearest to
+    mean_i R_ref,iᵀ R_i). c (Å, (x, y, z)): least-squares solution of
+    s_ref,i - s_i = (R_i Aᵀ c)_xy over all particles. The estimated map V corresponds to
+    the reference-frame map V(Aᵀ(r - c)) (:func:`render_aligned`), the poses to
+    (R_i Aᵀ, s_i + (R_i Aᵀ c)_xy) (:func:`align_poses`).
+    """
+    r = torch.as_tensor(rotations, dtype=torch.float64)
+    rr = torch.as_tensor(ref_rotations, dtype=torch.float64)
+    a = _project_to_rotation((rr.transpose(-1, -2) @ r).mean(0))
+    aligned = r @ a.T
+    rows = aligned[:, :2, :].reshape(-1, 3)
+    rhs = (
+        torch.as_tensor(ref_shifts, dtype=torch.float64)
+        - torch.as_tensor(shifts, dtype=torch.float64)
+    ).reshape(-1, 1)
+    c = torch.linalg.lstsq(rows, rhs).solution.reshape(3)
+    return a, c
+
+
+def align_poses(
+    rotations: torch.Tensor, shifts: torch.Tensor, a: torch.Tensor, c: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Poses in the reference frame of :func:`global_alignment`: (R Aᵀ, s + (R Aᵀ c)_xy)."""
+    r = torch.as_tensor(rotations, dtype=torch.float64) @ a.to(torch.float64).T
+    s = torch.as_tensor(shifts, dtype=torch.float64) + (r @ c.to(torch.float64))[:, :2]
+    return r, s
+
+
+def pose_errors(
+    rotations: torch.Tensor,
+    shifts: torch.Tensor,
+    ref_rotations: torch.Tensor,
+    ref_shifts: torch.Tensor,
+    align: bool = True,
+) -> dict[str, float]:
+    """Per-particle pose errors against reference poses, summarised.
+
+    Angle: geodesic angle between R_i and R_ref,i in degrees; shift: |s_i - s_ref,i| in Å.
+    With ``align`` the global rigid motion of :func:`global_alignment` is removed first
+    (and its rotation angle in degrees and translation in Å are reported).
+    """
+    r = torch.as_tensor(rotations, dtype=torch.float64)
+    s = torch.as_tensor(shifts, dtype=torch.float64)
+    out: dict[str, float] = {}
+    if align:
+        a, c = global_alignment(r, s, ref_rotations, ref_shifts)
+        r, s = align_poses(r, s, a, c)
+        out["frame_rotation_deg"] = math.degrees(
+            float(rotation_angle(a, torch.eye(3, dtype=torch.float64)))
+        )
+        out["frame_translation_angstrom"] = float(c.norm())
+    ang = torch.rad2deg(rotation_angle(r, torch.as_tensor(ref_rotations, dtype=torch.float64)))
+    dist = (s - torch.as_tensor(ref_shifts, dtype=torch.float64)).norm(dim=-1)
+    out.update(
+        mean_angle_deg=float(ang.mean()),
+        median_angle_deg=float(ang.median()),
+        mean_shift_angstrom=float(dist.mean()),
+        median_shift_angstrom=float(dist.median()),
+    )
+    return out
+
+
+def render_aligned(
+    net: MultiplicativeFilterNetwork,
+    box: int,
+    pixel_size: float,
+    amplitude: float,
+    rotation: torch.Tensor | None = None,
+    translation: torch.Tensor | None = None,
+    scale: int | None = None,
+) -> torch.Tensor:
+    """The fitted map (D, D, D) moved into a reference frame: a · y(Aᵀ(r - c)).
+
+    ``rotation`` A and ``translation`` c (Å) as returned by :func:`global_alignment`;
+    None renders the map in its own frame. Exact (the network is evaluated at the moved
+    coordinates).
+    """
+    ref = net.filters[0].frequency
+    shift = None
+    if translation is not None:
+        shift = torch.as_tensor(translation, dtype=ref.dtype) / (box * pixel_size)
+    rot = None if rotation is None else torch.as_tensor(rotation, dtype=ref.dtype)
+    with torch.no_grad():
+        return amplitude * render_grid(net, box, scale=scale, rotation=rot, shift=shift)
+
+
+# ---------------------------------------------------------------------------------------
+# the forward model on a stage's working grid
+
+
+@dataclass(frozen=True)
+class WorkingGrid:
+    """A stage's working grid: the same physical box sampled by D' ≤ D voxels.
+
+    full: the data's box D; box: D', where maps are projected; render_box: where the
+    network is evaluated (its Nyquist exceeds the network output's band, so sampling does
+    not alias; the map is then Fourier-cropped to D'); pixel_size: Å/px of the working grid
+    (p·D/D'); band: the loss band in cycles per box; mask: (D', D') bool, the centred
+    frequencies with |k| ≤ band; spectral_scale: (D/D')³, which makes spectra of D'-grid
+    projections comparable with the D-grid images' spectra.
+    """
+
+    full: int
+    box: int
+    render_box: int
+    pixel_size: float
+    band: float  # cycles per box
+    mask: torch.Tensor  # (D', D') bool: |k| <= band
+    spectral_scale: float  # (D / D')^3
+
+
+def _grid_size(full: int, band: float) -> int:
+    """The smallest even grid (at least 8, at most D) whose Nyquist exceeds ``band``."""
+    size = 2 * math.ceil(band) + 2
+    return full if size >= full else max(size, min(full, 8))
+
+
+def working_grid(full: int, pixel_size: float, band: float, net_band: float) -> WorkingGrid:
+    """The working grid of a stage: projections on D' = 2⌈band⌉ + 2 (at most D), whose
+    Nyquist exceeds the loss band, and the network rendered on a grid whose Nyquist exceeds
+    the output's band ``net_band`` (cycles per box), so neither aliases."""
+    box = _grid_size(full, band)
+    render_box = max(box, _grid_size(full, net_band))
+    k = frequency_grid((box, box), 1.0 / box, torch.float64).norm(dim=-1)  # cycles/box
+    return WorkingGrid(
+        full=full,
+        box=box,
+        render_box=render_box,
+        pixel_size=pixel_size * full / box,
+        band=band,
+        mask=k <= band + 1e-9,
+        spectral_scale=(full / box) ** 3,
+    )
+
+
+def fourier_crop(volume: torch.Tensor, box: int) -> torch.Tensor:
+    """A (D, D, D) map resampled on a coarser (box,)*3 grid of the same physical box by
+    cropping its centred spectrum (voxel values kept: scaled by (box/D)³)."""
+    size = volume.shape[-1]
+    if box == size:
+        return volume
+    spectrum = crop_centred(fft3_c(volume), box, 3) * (box / size) ** 3
+    return ifft3_c(spectrum).real.to(volume.dtype)
+
+
+def render_volume(
+    net: MultiplicativeFilterNetwork, grid: WorkingGrid, amplitude: float, scale: int
+) -> torch.Tensor:
+    """Output ``scale`` of the network times ``amplitude`` on the working grid (D'³):
+    rendered on ``grid.render_box`` and Fourier-cropped to D'. Differentiable."""
+    volume = amplitude * render_grid(net, grid.render_box, scale=scale)
+    return fourier_crop(volume, grid.box)
+
+
+def data_spectra(images: torch.Tensor, grid: WorkingGrid) -> torch.Tensor:
+    """Observed spectra in the band, (B, n_mask) complex: the centred 2-D FTs of the (B, D, D)
+    images, cropped to the working grid's D' × D' frequencies and masked to the band."""
+    spec = crop_centred(fft2_c(images), grid.box, 2)
+    return spec[:, grid.mask]
+
+
+def model_spectra(
+    projector: Projector,
+    rotations: torch.Tensor,
+    shifts_angstrom: torch.Tensor,
+    ctf_padded: torch.Tensor | None,
+    grid: WorkingGrid,
+) -> torch.Tensor:
+    """Model spectra in the band (B, n_mask), comparable with :func:`data_spectra`.
+
+    ``projector`` holds the map sampled on the working grid (D'³, voxel values as on the
+    full grid). Slices of its padded FT at poses ``rotations`` are multiplied by
+    ``ctf_padded`` (the CTFs on the padded working grid, or None), moved so the particle
+    centre sits at -``shifts_angstrom`` (RELION origins, Å), cropped to D' × D', Fourier
+    transformed, masked to the band and scaled by (D/D')³: the simulator's images
+    (:class:`cryoprior.physics.simulator.ParticleRenderer`) low-passed to the band.
+    """
+    spec = projector.project_ft(rotations)
+    if ctf_padded is not None:
+        spec = spec * ctf_padded
+    spec = shift_spectra(spec, -shifts_angstrom / grid.pixel_size)
+    images = projector.images_from_ft(spec)
+    return fft2_c(images)[:, grid.mask] * grid.spectral_scale
+
+
+# ---------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class StageResult:
+    """What one stage produced: its map (D, D, D), the poses after it, the network state.
+
+    band: the loss band as a fraction of Nyquist; outputs: the network stage; losses: the
+    mean relative loss of every batch (network steps); seconds: wall time of the stage.
+    """
+
+    index: int
+    band: float
+    outputs: int
+    map: torch.Tensor
+    rotations: torch.Tensor
+    shifts: torch.Tensor
+    network_state: dict[str, torch.Tensor]
+    losses: list[float]
+    seconds: float
+
+
+@dataclass
+class MFNFitResult:
+    """The fit: final map (D, D, D) in the source's pixel size, poses, per-stage results.
+
+    rotations (N, 3, 3) float64 and shifts (N, 2) float64 (RELION origins, Å) are the
+    refined poses; initial_rotations / initial_shifts what the fit started from;
+    initial_map the Wiener back-projection from the initial poses; network/amplitude give
+    the map as a function (:func:`render_aligned`); resumed says whether a checkpoint was
+    continued; finished is False when ``max_steps`` stopped the run early.
+    """
+
+    map: torch.Tensor
+    pixel_size: float
+    rotations: torch.Tensor
+    shifts: torch.Tensor
+    initial_rotations: torch.Tensor
+    initial_shifts: torch.Tensor
+    initial_map: torch.Tensor
+    stages: list[StageResult]
+    network: MultiplicativeFilterNetwork
+    amplitude: float
+    config: MFNFitConfig
+    resumed: bool
+    finished: bool
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------
+# the fit
+
+
+class _PoseState:
+    """Per-particle pose parameters: δ (N, 3) radians, microscope frame; s (N, 2) Å."""
+
+    def __init__(self, rotations: torch.Tensor, shifts: torch.Tensor) -> None:
+        self.base = rotations.to(torch.float64)
+        self.delta = torch.zeros(rotations.shape[0], 3, dtype=torch.float64)
+        self.shifts = shifts.to(torch.float64).clone()
+
+    def rotations(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        base = self.base if idx is None else self.base[idx]
+        delta = self.delta if idx is None else self.delta[idx]
+        return axis_angle_to_matrix(delta) @ base
+
+
+def _batch_indices(seed: int, stage: int, step: int, batch: int, n: int) -> torch.Tensor:
+    """Positions [step·B, (step+1)·B) of the concatenated per-epoch permutations."""
+    start = step * batch
+    parts, have = [], 0
+    epoch = start // n
+    offset = start - epoch * n
+    while have < batch:
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + stage * 10_007 + epoch)
+        perm = torch.randperm(n, generator=g)[offset:]
+        parts.append(perm[: batch - have])
+        have += parts[-1].shape[0]
+        epoch, offset = epoch + 1, 0
+    return torch.cat(parts)
+
+
+def _stage_band(stage: Stage, net: MultiplicativeFilterNetwork, box: int) -> float:
+    """The loss band of a stage in cycles per box."""
+    nyquist = box / 2
+    if stage.band is None:
+        return min(float(net.bands[stage.outputs - 1]), nyquist)
+    return float(stage.band) * nyquist
+
+
+def _initial_map(
+    source: ParticleSource, rotations: torch.Tensor, shifts: torch.Tensor, config: MFNFitConfig
+) -> torch.Tensor:
+    """Wiener back-projection (FSC-based SSNR) from the initial poses."""
+    from cryoprior.solvers.backprojection import reconstruct_source
+
+    particles = replace(
+        source.particles,
+        angles=matrix_to_euler(rotations).numpy(),
+        shifts=shifts.numpy(),
+        has_poses=True,
+    )
+    start = ParticleSource(particles, check=False)
+    return reconstruct_source(
+        start, pad=config.pad, seed=config.seed, batch_size=max(config.batch_size, 256)
+    ).full.to(torch.float32)
+
+
+def _warm_start(
+    net: MultiplicativeFilterNetwork,
+    target: torch.Tensor,
+    amplitude: float,
+    grid: WorkingGrid,
+    k: int,
+    steps: int,
+    lr: float,
+) -> None:
+    """Fit output k to ``target`` low-passed to the grid's band, on the working grid."""
+    if steps == 0:
+        return
+    f = frequency_grid((grid.box,) * 3, 1.0 / grid.box, torch.float64).norm(dim=-1)
+    mask = f <= grid.band + 1e-9
+    want = crop_centred(fft3_c(target.to(torch.float32)), grid.box, 3)[mask]
+    want = want * (grid.box / grid.full) ** 3 / amplitude
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
+    norm = float((want.abs() ** 2).sum())
+    for _ in range(steps):
+        opt.zero_grad()
+        got = fft3_c(render_volume(net, grid, 1.0, k))[mask]
+        loss = ((got - want).abs() ** 2).sum() / norm
+        loss.backward()
+        opt.step()
+
+
+def _adam_pose_steps(
+    projector: Projector,
+    poses: _PoseState,
+    idx: torch.Tensor,
+    data: torch.Tensor,
+    ctf: torch.Tensor | None,
+    grid: WorkingGrid,
+    config: MFNFitConfig,
+    rotations: bool = True,
+) -> None:
+    """``pose_steps`` Adam steps on the batch's poses (fresh moments), map fixed.
+
+    The step sizes are ``pose_lr_deg`` and ``pose_lr_angstrom`` divided by the stage's band
+    as a fraction of Nyquist (coarse stages take proportionally larger steps). Each
+    particle keeps the pose with the lowest loss met along the way, and only if it beats
+    the starting loss L₀ by ``pose_accept`` · p · L₀ / m (p parameters, m masked Fourier
+    coefficients; L₀/m estimates the noise power per coefficient, and fitting p parameters
+    to pure noise removes about p times that), so a visit never increases its image's
+    misfit for the current map and, with ``pose_accept`` > 0, ignores moves that noise
+    alone would explain.
+    """
+    delta = poses.delta[idx].to(torch.float32).clone().requires_grad_(rotations)
+    shifts = poses.shifts[idx].to(torch.float32).clone().requires_grad_(config.refine_shifts)
+    base = poses.base[idx].to(torch.float32)
+    params = [p for p in (delta, shifts) if p.requires_grad]
+    scale = grid.full / (2 * grid.band)  # steps grow with the stage's resolution: 1/band
+    lr = {
+        id(delta): math.radians(config.pose_lr_deg) * scale,
+        id(shifts): config.pose_lr_angstrom * scale,
+    }
+    b1, b2, eps = 0.9, 0.9, 1e-12  # betas as in the authors' pose optimiser
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    best_loss = torch.full((idx.shape[0],), math.inf)
+    best_delta, best_shifts = delta.detach().clone(), shifts.detach().clone()
+    start_loss = best_loss
+    for t in range(config.pose_steps + 1):
+        model = model_spectra(projector, axis_angle_to_matrix(delta) @ base, shifts, ctf, grid)
+        per_image = ((model - data).abs() ** 2).sum(-1)
+        with torch.no_grad():
+            if t == 0:
+                # a move must beat the misfit that fitting noise alone would remove:
+                # about (loss / n_coefficients) per parameter (see the docstring)
+                n_params = sum(p.shape[-1] for p in params)
+                start_loss = per_image - config.pose_accept * n_params * per_image / data.shape[-1]
+            else:
+                better = per_image < best_loss
+                best_loss = torch.where(better, per_image, best_loss)
+                best_delta[better] = delta[better]
+                best_shifts[better] = shifts[better]
+        if t == config.pose_steps:
+            break
+        grads = torch.autograd.grad(per_image.sum(), params)
+        with torch.no_grad():
+            for p, g, mi, vi in zip(params, grads, m, v, strict=True):
+                mi.mul_(b1).add_(g, alpha=1 - b1)
+                vi.mul_(b2).addcmul_(g, g, value=1 - b2)
+                step = (mi / (1 - b1 ** (t + 1))) / ((vi / (1 - b2 ** (t + 1))).sqrt() + eps)
+                p.sub_(lr[id(p)] * step)
+    accept = best_loss < start_loss
+    poses.delta[idx[accept]] = best_delta[accept].to(torch.float64)
+    poses.shifts[idx[accept]] = best_shifts[accept].to(torch.float64)
+
+
+def refine_poses(
+    volume: torch.Tensor,
+    pixel_size: float,
+    images: torch.Tensor,
+    rotations: torch.Tensor,
+    shifts: torch.Tensor,
+    ctf: CTFParams | None = None,
+    band: float = 1.0,
+    visits: int = 1,
+    config: MFNFitConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refine poses of ``images`` against a fixed map, as the fit's pose steps do.
+
+    ``volume`` (D, D, D) and ``images`` (N, D, D) share the pixel size (Å/px); rotations
+    (N, 3, 3) and shifts (N, 2) (RELION origins, Å) are the starting poses; ``band`` the
+    low-pass as a fraction of Nyquist. Each of ``visits`` passes runs ``config.pose_steps``
+    Adam steps per batch of ``config.batch_size`` (see :func:`fit_mfn`). Returns the
+    refined (N, 3, 3) rotations and (N, 2) shifts, float64.
+    """
+    config = config or MFNFitConfig()
+    d = volume.shape[-1]
+    require(
+        images.ndim == 3 and images.shape[-2:] == (d, d),
+        f"images must be (N, {d}, {d}) like the map, got {tuple(images.shape)}",
+    )
+    require(0 < band <= 1, f"band must be a fraction of Nyquist in (0, 1], got {band}")
+    grid = working_grid(d, pixel_size, band * d / 2, band * d / 2)
+    projector = Projector(
+        fourier_crop(volume.to(torch.float32), grid.box), config.pad, config.kernel
+    )
+    poses = _PoseState(torch.as_tensor(rotations), torch.as_tensor(shifts))
+    dp = padded_size(grid.box, config.pad)
+    for _ in range(visits):
+        for start in range(0, images.shape[0], config.batch_size):
+            idx = torch.arange(start, min(images.shape[0], start + config.batch_size))
+            data = data_spectra(images[idx].to(torch.float32), grid)
+            batch_ctf = None
+            if ctf is not None:
+                batch_ctf = compute_ctf(ctf.index(idx), (dp, dp), grid.pixel_size)
+            _adam_pose_steps(projector, poses, idx, data, batch_ctf, grid, config)
+    return poses.rotations(), poses.shifts.clone()
+
+
+class _Fit:
+    """The state of one fit (network, optimiser, poses, stage results) and its steps."""
+
+    def __init__(
+        self,
+        source: ParticleSource,
+        config: MFNFitConfig,
+        rotations: torch.Tensor,
+        shifts: torch.Tensor,
+        out_dir: Path | None,
+    ) -> None:
+        self.source, self.config, self.out_dir = source, config, out_dir
+        self.n, self.box, self.px = len(source), source.box, source.pixel_size
+        self.stages = config.resolved_stages()
+        self.fingerprint = float(
+            rotations.sum() + (rotations[:, 0, :] * torch.arange(1, 4)).sum() + shifts.sum()
+        )
+        seed_everything(config.seed)
+        self.net = make_network(config, self.box)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=config.lr)
+        self.poses = _PoseState(rotations, shifts)
+        self.initial_shifts = shifts.to(torch.float64).clone()
+        self.amplitude = 1.0
+        self.initial_map = torch.zeros(0)
+        self.stage_index, self.step_in_stage = 0, 0
+        self.stages_done: list[StageResult] = []
+        self.losses: list[float] = []
+        self.history: list[dict[str, float]] = []
+        self.elapsed_before = 0.0
+        self.started = time.perf_counter()
+        self.stage_started = self.started
+
+    @property
+    def checkpoint(self) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / "checkpoint.pt"
+
+    def n_steps(self, stage: Stage) -> int:
+        return max(1, math.ceil(stage.epochs * self.n / self.config.batch_size))
+
+    def grid(self, stage: Stage) -> WorkingGrid:
+        self.net.set_stage(stage.outputs)
+        band = _stage_band(stage, self.net, self.box)
+        return working_grid(self.box, self.px, band, float(self.net.bands[stage.outputs - 1]))
+
+    # -- start: fresh or from a checkpoint
+
+    def initialise(self) -> None:
+        """Initial map from the initial poses, output scale, warm start of output k_1."""
+        self.initial_map = _initial_map(
+            self.source, self.poses.base, self.poses.shifts, self.config
+        )
+        self.amplitude = float(self.initial_map.std()) or 1.0
+        first = self.stages[0]
+        _warm_start(
+            self.net,
+            self.initial_map,
+            self.amplitude,
+            self.grid(first),
+            first.outputs,
+            self.config.warm_start_steps,
+            self.config.lr,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "config": self.config.to_dict(),
+            "n_particles": self.n,
+            "box": self.box,
+            "fingerprint": self.fingerprint,
+            "network": self.net.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "amplitude": self.amplitude,
+            "initial_map": self.initial_map,
+            "delta": self.poses.delta,
+            "shifts": self.poses.shifts,
+            "stage": self.stage_index,
+            "step": self.step_in_stage,
+            "stages_done": [asdict(s) for s in self.stages_done],
+            "losses": list(self.losses),
+            "history": list(self.history),
+            "elapsed": self.elapsed(),
+        }
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def save(self) -> None:
+        if self.checkpoint is None:
+            return
+        with atomic_path(self.checkpoint) as tmp:
+            torch.save(self.state_dict(), tmp)
+
+    def load(self) -> None:
+        path = self.checkpoint
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise InputError(f"checkpoint {path} cannot be read ({e}); delete it to restart") from e
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise InputError(f"{path} is not an MFN fit checkpoint")
+        saved, now = state["config"], self.config.to_dict()
+        if saved != now:
+            diff = sorted(k for k in now if saved.get(k) != now[k])
+            raise InputError(
+                f"cannot resume {path}: it was written with different settings "
+                f"({', '.join(diff)}); resume with the same options or use a new output folder"
+            )
+        same_poses = abs(state["fingerprint"] - self.fingerprint) <= 1e-6 * max(
+            1.0, abs(self.fingerprint)
+        )
+        if state["n_particles"] != self.n or state["box"] != self.box or not same_poses:
+            raise InputError(
+                f"cannot resume {path}: it was written for a different particle set or "
+                "initial poses; use a new output folder"
+            )
+        self.stage_index, self.step_in_stage = int(state["stage"]), int(state["step"])
+        self.net.set_stage(self.stages[min(self.stage_index, len(self.stages) - 1)].outputs)
+        self.net.load_state_dict(state["network"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.amplitude = float(state["amplitude"])
+        self.initial_map = state["initial_map"]
+        self.poses.delta = state["delta"]
+        self.poses.shifts = state["shifts"]
+        self.stages_done = [StageResult(**s) for s in state["stages_done"]]
+        self.losses = list(state["losses"])
+        self.history = list(state["history"])
+        self.elapsed_before = float(state["elapsed"])
+
+    # -- one batch
+
+    def step(self, stage: Stage, grid: WorkingGrid) -> float:
+        """Network steps, then pose steps, on the next batch; returns the last loss."""
+        config, k = self.config, stage.outputs
+        idx = _batch_indices(
+            config.seed, self.stage_index, self.step_in_stage, config.batch_size, self.n
+        )
+        data = data_spectra(read_particle_images(self.source.particles, idx.numpy()), grid)
+        power = float((data.abs() ** 2).sum())
+        dp = padded_size(grid.box, config.pad)
+        ctf = None
+        if self.source.ctf is not None:
+            ctf = compute_ctf(self.source.ctf.index(idx), (dp, dp), grid.pixel_size)
+        rotations = self.poses.rotations(idx).to(torch.float32)
+        shifts = self.poses.shifts[idx].to(torch.float32)
+        loss_value = float("nan")
+        for _ in range(config.net_steps):
+            self.opt.zero_grad()
+            projector = Projector(
+                render_volume(self.net, grid, self.amplitude, k), config.pad, config.kernel
+            )
+            model = model_spectra(projector, rotations, shifts, ctf, grid)
+            loss = ((model - data).abs() ** 2).sum() / power
+            loss.backward()
+            self.opt.step()
+            loss_value = float(loss.detach())
+        if stage.poses != "fixed" and config.pose_steps > 0:
+            with torch.no_grad():
+                volume = render_volume(self.net, grid, self.amplitude, k)
+                projector = Projector(volume, config.pad, config.kernel)
+            _adam_pose_steps(
+                projector, self.poses, idx, data, ctf, grid, config, stage.poses == "all"
+            )
+        self.losses.append(loss_value)
+        self.step_in_stage += 1
+        return loss_value
+
+    def finish_stage(self, stage: Stage, grid: WorkingGrid) -> None:
+        """Record the stage's map, poses and network; write stage{j}.mrc."""
+        with torch.no_grad():
+            stage_map = self.amplitude * render_grid(self.net, self.box, scale=stage.outputs)
+        band = grid.band / (self.box / 2)
+        result = StageResult(
+            index=self.stage_index,
+            band=band,
+            outputs=stage.outputs,
+            map=stage_map,
+            rotations=self.poses.rotations().clone(),
+            shifts=self.poses.shifts.clone(),
+            network_state={name: t.clone() for name, t in self.net.state_dict().items()},
+            losses=list(self.losses),
+            seconds=time.perf_counter() - self.stage_started,
+        )
+        self.stages_done.append(result)
+        tail = self.losses[-max(1, len(self.losses) // 10) :]
+        self.history.append(
+            {
+                "stage": self.stage_index + 1,
+                "band_fraction": band,
+                "resolution_angstrom": 2 * self.px / band,
+                "outputs": stage.outputs,
+                "working_box": grid.box,
+                "batches": len(self.losses),
+                "final_loss": float(np.mean(tail)) if tail else float("nan"),
+                "seconds": result.seconds,
+            }
+        )
+        if self.out_dir is not None:
+            from cryoprior.io.mrc import write_map
+
+            write_map(self.out_dir / f"stage{self.stage_index + 1}.mrc", Volume(stage_map, self.px))
+        self.losses = []
+        self.stage_index += 1
+        self.step_in_stage = 0
+        self.stage_started = time.perf_counter()
+
+    # -- the schedule
+
+    def run(self, max_steps: int | None, show_progress: bool) -> bool:
+        """Run the remaining schedule; returns False when stopped by ``max_steps``."""
+        steps = [self.n_steps(s) for s in self.stages]
+        done = sum(steps[: self.stage_index]) + self.step_in_stage
+        bar = progress(
+            range(sum(steps) - done), total=sum(steps) - done, desc="mfn", enabled=show_progress
+        )
+        budget = math.inf if max_steps is None else max_steps
+        while self.stage_index < len(self.stages):
+            stage = self.stages[self.stage_index]
+            grid = self.grid(stage)
+            while self.step_in_stage < steps[self.stage_index]:
+                if budget <= 0:
+                    self.save()
+                    if hasattr(bar, "close"):
+                        bar.close()
+                    return False
+                loss = self.step(stage, grid)
+                budget -= 1
+                if hasattr(bar, "update"):
+                    bar.update(1)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(stage=self.stage_index + 1, loss=f"{loss:.4f}")
+                if self.step_in_stage % self.config.checkpoint_every == 0:
+                    self.save()
+            self.finish_stage(stage, grid)
+            self.save()
+        if hasattr(bar, "close"):
+            bar.close()
+        return True
+
+    def result(self, finished: bool, resumed: bool) -> MFNFitResult:
+        k = self.stages[max(0, min(self.stage_index, len(self.stages)) - 1)].outputs
+        self.net.set_stage(k)
+        with torch.no_grad():
+            final = self.amplitude * render_grid(self.net, self.box)
+        return MFNFitResult(
+            map=final,
+            pixel_size=self.px,
+            rotations=self.poses.rotations(),
+            shifts=self.poses.shifts.clone(),
+            initial_rotations=self.poses.base,
+            initial_shifts=self.initial_shifts,
+            initial_map=self.initial_map,
+            stages=self.stages_done,
+            network=self.net,
+            amplitude=self.amplitude,
+            config=self.config,
+            resumed=resumed,
+            finished=finished,
+            seconds=self.elapsed(),
+            history=self.history,
+        )
+
+
+def fit_mfn(
+    source: ParticleSource,
+    config: MFNFitConfig,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+    initial_rotations: torch.Tensor | None = None,
+    initial_shifts: torch.Tensor | np.ndarray | None = None,
+    max_steps: int | None = None,
+) -> MFNFitResult:
+    """Fit an MFN map to a particle set with staged coarse-to-fine training and pose refinement.
+
+    Args:
+        source: the particles (images, CTFs; its poses are the initial poses unless given).
+        config: network, schedule and optimiser settings (:class:`MFNFitConfig`).
+        out_dir: folder for ``checkpoint.pt`` and ``stage{j}.mrc``; None writes nothing.
+        resume: continue from ``out_dir/checkpoint.pt`` (the config, particle count and
+            initial poses must match). Without it a folder holding a checkpoint is refused.
+        show_progress: a progress bar over all batches.
+        initial_rotations / initial_shifts: (N, 3, 3) poses and (N, 2) RELION origins (Å)
+            to start from instead of the STAR file's (e.g. from :func:`perturb_poses`).
+        max_steps: stop after this many batches in this call (a checkpoint is written);
+            a later call with ``resume=True`` continues. None runs to the end.
+
+    Returns:
+        :class:`MFNFitResult` (maps in the source's pixel size, poses, per-stage results).
+    """
+    config.validate()
+    n = len(source)
+    rot0 = source.rotations if initial_rotations is None else torch.as_tensor(initial_rotations)
+    rot0 = rot0.to(torch.float64)
+    shifts = source.particles.shifts if initial_shifts is None else initial_shifts
+    sh0 = torch.as_tensor(np.asarray(shifts), dtype=torch.float64)
+    require(
+        rot0.shape == (n, 3, 3), f"initial rotations must be ({n}, 3, 3), got {tuple(rot0.shape)}"
+    )
+    require(sh0.shape == (n, 2), f"initial shifts must be ({n}, 2) Å, got {tuple(sh0.shape)}")
+    require(max_steps is None or max_steps >= 0, "max_steps must be >= 0")
+    out = Path(out_dir) if out_dir is not None else None
+    fit = _Fit(source, config, rot0, sh0, out)
+    if fit.checkpoint is not None and fit.checkpoint.is_file() and not resume:
+        raise InputError(
+            f"{out} already holds an MFN fit; pass --resume to continue it or choose "
+            "another output folder"
+        )
+    resumed = bool(resume and fit.checkpoint is not None and fit.checkpoint.is_file())
+    if resumed:
+        fit.load()
+    else:
+        fit.initialise()
+    finished = fit.run(max_steps, show_progress)
+    return fit.result(finished, resumed)
+
+
+def network_summary(result: MFNFitResult) -> dict[str, Any]:
+    """The network's config (JSON) and bands in cycles/Å, for reports."""
+    box = result.map.shape[-1]
+    return {
+        "network": network_config(result.network),
+        "bands_per_angstrom": [b / (box * result.pixel_size) for b in result.network.bands],
+    }
+
+
+__all__ = [
+    "MFNFitConfig",
+    "MFNFitResult",
+    "Stage",
+    "StageResult",
+    "align_poses",
+    "fit_mfn",
+    "format_stages",
+    "global_alignment",
+    "make_network",
+    "network_summary",
+    "parse_stages",
+    "perturb_poses",
+    "pose_errors",
+    "WorkingGrid",
+    "data_spectra",
+    "fourier_crop",
+    "render_volume",
+    "model_spectra",
+    "refine_poses",
+    "render_aligned",
+    "working_grid",
+]

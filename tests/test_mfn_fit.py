@@ -1,0 +1,330 @@
+"""MFN fitting: forward model vs the simulator, pose refinement, frames, staged fit, resume, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from cryoprior.cli.main import main as cli
+from cryoprior.cli.reconstruct_mfn import add_mfn_args, run_mfn
+from cryoprior.core.containers import Volume
+from cryoprior.core.errors import InputError
+from cryoprior.geometry.rotations import axis_angle_to_matrix, random_rotations, rotation_angle
+from cryoprior.io.mrc import read_map
+from cryoprior.io.star import read_particles
+from cryoprior.networks.mfn import ResidualMFN, render_grid
+from cryoprior.physics.ctf import CTFParams, compute_ctf
+from cryoprior.physics.projection import (
+    Projector,
+    gaussian_blobs,
+    padded_size,
+)
+from cryoprior.physics.simulator import (
+    ParticleRenderer,
+    SimulationConfig,
+    draw_particle_parameters,
+    simulate_particles,
+)
+from cryoprior.physics.source import ParticleSource
+from cryoprior.solvers.mfn_fit import (
+    MFNFitConfig,
+    Stage,
+    align_poses,
+    data_spectra,
+    fit_mfn,
+    format_stages,
+    global_alignment,
+    model_spectra,
+    parse_stages,
+    perturb_poses,
+    pose_errors,
+    refine_poses,
+    working_grid,
+)
+
+# three blobs, no symmetry: poses are identifiable (x, y, z in voxels of a 24-voxel box)
+CENTRES = torch.tensor([[3.0, -2.0, 1.0], [-4.0, 2.0, 0.0], [0.0, 3.0, -3.5], [1.5, 0.5, 3.0]])
+AMPLITUDES = torch.tensor([1.0, 0.8, 1.2, 0.6])
+
+
+def blob_map(box: int, sigma: float = 1.6) -> torch.Tensor:
+    scale = box / 24
+    return gaussian_blobs(CENTRES * scale, sigma * scale, box, AMPLITUDES).float()
+
+
+def particle_params(n: int, box: int, px: float, shift: float = 4.0, seed: int = 1):
+    cfg = SimulationConfig(n_particles=n, max_shift=shift, seed=seed)
+    rotations, shifts, ctf = draw_particle_parameters(cfg, box, px)
+    return rotations, shifts, CTFParams.from_particles(ctf)
+
+
+@pytest.mark.parametrize("box", [16, 17])
+def test_forward_model_matches_simulator_full_grid(box):
+    # the network's map, rendered and passed through the simulator, is what the fit models
+    torch.manual_seed(0)
+    net = ResidualMFN(hidden_features=16, num_layers=2, box_size=box)
+    px = 3.0
+    with torch.no_grad():
+        vol = render_grid(net, box)
+    rotations, shifts, ctf = particle_params(6, box, px)
+    images = ParticleRenderer(Volume(vol, px), pad=2.0).render(rotations.float(), shifts, ctf)
+    grid = working_grid(box, px, box / 2, box / 2)
+    assert grid.box == box and grid.spectral_scale == 1.0
+    dp = padded_size(box, 2.0)
+    ctf_padded = compute_ctf(ctf, (dp, dp), grid.pixel_size)
+    with torch.no_grad():
+        model = model_spectra(
+            Projector(vol, 2.0, "cubic"),
+            rotations.float(),
+            torch.as_tensor(shifts).float(),
+            ctf_padded,
+            grid,
+        )
+    data = data_spectra(images, grid)
+    assert float((model - data).norm() / data.norm()) < 1e-5
+    # a wrong shift sign or CTF would not match
+    with torch.no_grad():
+        wrong = model_spectra(
+            Projector(vol, 2.0, "cubic"),
+            rotations.float(),
+            -torch.as_tensor(shifts).float(),
+            ctf_padded,
+            grid,
+        )
+    assert float((wrong - data).norm() / data.norm()) > 0.05
+
+
+@pytest.mark.parametrize("band", [4.5, 7.0])
+def test_forward_model_on_coarse_working_grid(band):
+    # a compact map rendered on the coarse working grid gives the low-passed images
+    box, px = 32, 3.0
+    full = blob_map(box, sigma=2.4)
+    rotations, shifts, ctf = particle_params(6, box, px)
+    images = ParticleRenderer(Volume(full, px), pad=2.0).render(rotations.float(), shifts, ctf)
+    grid = working_grid(box, px, band, band)
+    assert grid.box < box and grid.box / 2 > band
+    assert grid.pixel_size == pytest.approx(px * box / grid.box)
+    coarse = blob_map(grid.box, sigma=2.4)  # the same function sampled coarser
+    dp = padded_size(grid.box, 2.0)
+    with torch.no_grad():
+        model = model_spectra(
+            Projector(coarse, 2.0, "cubic"),
+            rotations.float(),
+            torch.as_tensor(shifts).float(),
+            compute_ctf(ctf, (dp, dp), grid.pixel_size),
+            grid,
+        )
+    data = data_spectra(images, grid)
+    assert float((model - data).norm() / data.norm()) < 0.01
+
+
+def test_refine_poses_recovers_small_perturbation():
+    # noiseless toy problem, the true map fixed: a 4° / 1 Å perturbation is undone
+    box, px = 24, 2.0
+    vol = blob_map(box)
+    rotations, shifts, ctf = particle_params(24, box, px, shift=2.0)
+    images = ParticleRenderer(Volume(vol, px), pad=2.0).render(rotations.float(), shifts, ctf)
+    start_r, start_s = perturb_poses(rotations, shifts, 4.0, 1.0, seed=3)
+    config = MFNFitConfig(pose_steps=25, pose_lr_deg=0.15, pose_lr_angstrom=0.05, kernel="cubic")
+    r, s = refine_poses(vol, px, images, start_r, start_s, ctf, band=1.0, visits=3, config=config)
+    truth_s = torch.as_tensor(shifts)
+    before = pose_errors(start_r, start_s, rotations, truth_s, align=False)
+    after = pose_errors(r, s, rotations, truth_s, align=False)
+    assert before["mean_angle_deg"] == pytest.approx(4.0, abs=1e-6)
+    assert before["mean_shift_angstrom"] == pytest.approx(1.0, abs=1e-6)
+    assert after["mean_angle_deg"] < 0.5 and after["mean_shift_angstrom"] < 0.15
+
+
+def test_perturb_poses_exact_sizes(gen):
+    rotations = random_rotations(50, gen, dtype=torch.float64)
+    shifts = torch.zeros(50, 2, dtype=torch.float64)
+    r, s = perturb_poses(rotations, shifts, 20.0, 3.0, seed=4)
+    torch.testing.assert_close(
+        torch.rad2deg(rotation_angle(r, rotations)), torch.full((50,), 20.0, dtype=torch.float64)
+    )
+    torch.testing.assert_close(s.norm(dim=-1), torch.full((50,), 3.0, dtype=torch.float64))
+    r2, _ = perturb_poses(rotations, shifts, 20.0, 3.0, seed=4)
+    assert torch.equal(r, r2)
+    # the axes are spread out: the mean rotation change is small
+    assert float((r - rotations).mean(0).abs().max()) < 0.1
+
+
+def test_global_alignment_and_frame_conventions(gen):
+    # a map in a moved frame V_est(q) = V(A q + c) explains the images with poses
+    # (R A, s - (R c)_xy); global_alignment recovers (A, c) and the particles agree
+    n = 40
+    rotations = random_rotations(n, gen, dtype=torch.float64)
+    shifts = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    a = axis_angle_to_matrix(torch.tensor([0.1, -0.2, 0.15], dtype=torch.float64))
+    c = torch.tensor([1.0, -0.5, 0.7], dtype=torch.float64)  # Å (pixel size 1)
+    est_r = rotations @ a
+    est_s = shifts - (rotations @ c)[:, :2]
+    found_a, found_c = global_alignment(est_r, est_s, rotations, shifts)
+    torch.testing.assert_close(found_a, a)
+    torch.testing.assert_close(found_c, c)
+    aligned_r, aligned_s = align_poses(est_r, est_s, found_a, found_c)
+    torch.testing.assert_close(aligned_r, rotations)
+    torch.testing.assert_close(aligned_s, shifts)
+    errors = pose_errors(est_r, est_s, rotations, shifts)
+    assert errors["mean_angle_deg"] < 1e-6 and errors["mean_shift_angstrom"] < 1e-6
+    assert errors["frame_rotation_deg"] == pytest.approx(math.degrees(math.sqrt(0.0725)))
+    raw = pose_errors(est_r, est_s, rotations, shifts, align=False)
+    assert raw["mean_angle_deg"] == pytest.approx(errors["frame_rotation_deg"])
+    # moved blobs Aᵀ(mu - c) seen at the estimated poses land where the true blobs land at
+    # the true poses (projected centre (R mu)_xy, particle centre at -s)
+    moved = (CENTRES.double() - c) @ a  # rows: Aᵀ(mu - c)
+    ours = torch.einsum("nij,kj->nki", est_r, moved)[..., :2] - est_s[:, None, :]
+    true = torch.einsum("nij,kj->nki", rotations, CENTRES.double())[..., :2] - shifts[:, None, :]
+    torch.testing.assert_close(ours, true)
+
+
+def test_parse_and_format_stages():
+    stages = parse_stages("auto:2:1, 12A:1:2:shifts ,0.5:1.5:2:fixed", pixel_size=3.0)
+    assert stages == (
+        Stage(None, 2.0, 1, "all"),
+        Stage(0.5, 1.0, 2, "shifts"),
+        Stage(0.5, 1.5, 2, "fixed"),
+    )
+    assert parse_stages(format_stages(stages)) == stages
+    for bad in ("0.5:2", "x:1:1", "0.5:1:1:maybe", "", "3A:1:1"):
+        with pytest.raises(InputError):
+            parse_stages(bad, pixel_size=3.0)
+    with pytest.raises(InputError, match="outputs"):
+        MFNFitConfig(num_layers=2, stages=(Stage(0.5, 1.0, 3),)).validate()
+    with pytest.raises(InputError, match="marching"):
+        MFNFitConfig(network="bacon", init="marching").validate()
+    config = MFNFitConfig(stages=stages)
+    assert MFNFitConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    """64 noiseless particles (CTF, shifts) of a blob map, 16 px at 4 Å/px."""
+    folder = tmp_path_factory.mktemp("mfn_data")
+    truth = Volume(blob_map(16, sigma=1.6), 4.0)
+    cfg = SimulationConfig(n_particles=64, snr=None, max_shift=4.0, seed=2, chunk_size=64)
+    simulate_particles(truth, cfg, folder, show_progress=False)
+    return folder / "particles.star", truth
+
+
+def tiny_config(**kw) -> MFNFitConfig:
+    base = dict(
+        hidden_features=32,
+        num_layers=2,
+        stages=(Stage(None, 1.0, 1), Stage(1.0, 1.0, 2)),
+        batch_size=16,
+        lr=2e-2,
+        pose_steps=2,
+        warm_start_steps=10,
+        checkpoint_every=2,
+    )
+    return MFNFitConfig(**(base | kw))
+
+
+def test_fit_mfn_runs_stages_and_writes_maps(tiny_set, tmp_path):
+    star, truth = tiny_set
+    source = ParticleSource.from_star(star)
+    # poses fixed (they are the true ones): the map alone is fitted, 60 batches at full band
+    stages = (Stage(None, 4.0, 1, "fixed"), Stage(1.0, 15.0, 2, "fixed"))
+    result = fit_mfn(source, tiny_config(stages=stages), out_dir=tmp_path, show_progress=False)
+    assert result.finished and not result.resumed
+    assert result.map.shape == (16, 16, 16) and result.rotations.shape == (64, 3, 3)
+    assert result.shifts.shape == (64, 2)
+    assert [s.outputs for s in result.stages] == [1, 2]
+    assert [h["working_box"] for h in result.history][1] == 16
+    assert result.history[0]["working_box"] < 16  # the coarse stage ran on a smaller grid
+    for k in (1, 2):
+        stage_map = read_map(tmp_path / f"stage{k}.mrc")
+        assert stage_map.pixel_size == pytest.approx(4.0)
+        torch.testing.assert_close(stage_map.data, result.stages[k - 1].map.float())
+
+    # the fitted map resembles the truth (noiseless data, true poses); stage 2 improves on 1
+    def corr(m: torch.Tensor) -> float:
+        return float(torch.corrcoef(torch.stack([m.flatten(), truth.data.flatten()]))[0, 1])
+
+    assert corr(result.map) > 0.8 and corr(result.map) > corr(result.stages[0].map) + 0.05
+    torch.testing.assert_close(result.rotations, source.rotations)
+    assert result.stages[1].losses[-1] < result.stages[1].losses[0]
+
+
+def test_fit_mfn_resume_is_exact(tiny_set, tmp_path):
+    star, _ = tiny_set
+    source = ParticleSource.from_star(star)
+    config = tiny_config()
+    full = fit_mfn(source, config, out_dir=tmp_path / "a", show_progress=False)
+    part = fit_mfn(source, config, out_dir=tmp_path / "b", show_progress=False, max_steps=5)
+    assert not part.finished and len(part.stages) == 1
+    with pytest.raises(InputError, match="resume"):
+        fit_mfn(source, config, out_dir=tmp_path / "b", show_progress=False)
+    with pytest.raises(InputError, match="lr"):
+        fit_mfn(source, tiny_config(lr=5e-2), out_dir=tmp_path / "b", resume=True)
+    rest = fit_mfn(source, config, out_dir=tmp_path / "b", show_progress=False, resume=True)
+    assert rest.finished and rest.resumed and len(rest.stages) == 2
+    torch.testing.assert_close(rest.map, full.map, rtol=0, atol=1e-6)
+    torch.testing.assert_close(rest.rotations, full.rotations, rtol=0, atol=1e-9)
+    torch.testing.assert_close(rest.shifts, full.shifts, rtol=0, atol=1e-9)
+
+
+def test_cli_run_mfn_writes_outputs(tiny_set, tmp_path):
+    star, _ = tiny_set
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pad", type=float, default=2.0)
+    parser.add_argument("--quiet", action="store_true")
+    add_mfn_args(parser)
+    args = parser.parse_args(
+        [
+            "--quiet",
+            "--mfn-hidden=16",
+            "--mfn-stages=auto:0.5:1,1:0.5:2:shifts",
+            "--mfn-batch-size=16",
+            "--mfn-warm-start=5",
+            "--perturb-deg=5",
+            "--perturb-shift=1",
+        ]
+    )
+    source = ParticleSource.from_star(star)
+    summary = run_mfn(args, source, tmp_path)
+    for name in ("map.mrc", "stage1.mrc", "stage2.mrc", "initial.mrc", "loss.png", "mfn.json"):
+        assert (tmp_path / name).is_file(), name
+    refined = read_particles(tmp_path / "particles_refined.star")
+    assert len(refined) == 64 and refined.has_poses
+    report = json.loads((tmp_path / "mfn.json").read_text())
+    assert report["method"] == "mfn" and report["stages"] == "auto:0.5:1,1:0.5:2:shifts"
+    assert report["pose_error_before"]["mean_angle_deg"] == pytest.approx(5.0, abs=0.6)
+    assert summary["pose_error_after"]["mean_angle_deg"] > 0
+    assert len(report["history"]) == 2
+
+
+def test_cli_reconstruct_method_mfn_end_to_end(tiny_set, tmp_path, capsys):
+    """`cryoprior reconstruct STAR --method mfn` through the real entry point."""
+    star, _ = tiny_set
+    out = tmp_path / "mfn_out"
+    argv = [
+        "reconstruct",
+        str(star),
+        "--method",
+        "mfn",
+        "--mfn-hidden=16",
+        "--mfn-stages=auto:0.5:1,1:0.5:2:fixed",
+        "--mfn-batch-size=16",
+        "--mfn-warm-start=5",
+        "--quiet",
+        "-o",
+        str(out),
+    ]
+    assert cli(argv) == 0
+    written = read_map(out / "map.mrc")
+    assert written.pixel_size == pytest.approx(4.0) and written.data.shape == (16, 16, 16)
+    assert json.loads((out / "mfn.json").read_text())["method"] == "mfn"
+    assert "MFN reconstruction of 64 particles" in capsys.readouterr().out
+    # resuming a finished run in the same folder without --resume is refused clearly
+    assert cli(argv) == 2
+    assert "resume" in capsys.readouterr().err.lower()
