@@ -246,3 +246,17 @@ def test_bare_network_needs_diffusion(tmp_path):
     save_prior(tmp_path / "p", net, meta)
     loaded = load_prior(tmp_path / "p")
     assert loaded.denoiser.precondition and loaded.denoiser.schedule.name == "ve"
+
+
+def test_shipped_priors_resolve_by_name_and_unknown_names_fail_clearly(tmp_path):
+    from cryoprior.priors import read_prior_metadata, resolve_prior, shipped_priors
+
+    shipped = shipped_priors()
+    assert {"volume_32", "mnist"} <= set(shipped)
+    assert resolve_prior("volume_32") == shipped["volume_32"]
+    assert read_prior_metadata("volume_32").spatial_shape == (32, 32, 32)
+    # an existing path wins over a shipped name
+    (tmp_path / "volume_32").mkdir()
+    assert resolve_prior(tmp_path / "volume_32") == tmp_path / "volume_32"
+    with pytest.raises(InputError, match="shipped prior.*volume_32"):
+        resolve_prior("no_such_prior")

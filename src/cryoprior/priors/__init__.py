@@ -1,7 +1,13 @@
 """Layer 7: trained priors: denoiser + normalisation + physical metadata, saved as
 safetensors weights and JSON (never pickle)."""
 
-from cryoprior.priors.io import load_prior, read_prior_metadata, save_prior
+from cryoprior.priors.io import (
+    load_prior,
+    read_prior_metadata,
+    resolve_prior,
+    save_prior,
+    shipped_priors,
+)
 from cryoprior.priors.prior import (
     DIFFUSION_OBJECTIVES,
     OBJECTIVES,
@@ -22,5 +28,7 @@ __all__ = [
     "denoiser_config",
     "load_prior",
     "read_prior_metadata",
+    "resolve_prior",
     "save_prior",
+    "shipped_priors",
 ]

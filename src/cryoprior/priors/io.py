@@ -116,6 +116,32 @@ def save_prior(
     return folder
 
 
+def shipped_priors() -> dict[str, Path]:
+    """The priors that ship with the package: {name: folder} (``cryoprior/assets/priors``)."""
+    from importlib import resources
+
+    root = Path(str(resources.files("cryoprior") / "assets" / "priors"))
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / METADATA_FILE).is_file()}
+
+
+def resolve_prior(path: str | os.PathLike) -> Path:
+    """A prior's location: ``path`` itself when it exists, else the shipped prior of that
+    name (e.g. ``volume_32``); an InputError listing the shipped priors otherwise."""
+    p = Path(path)
+    if p.exists():
+        return p
+    shipped = shipped_priors()
+    if str(path) in shipped:
+        return shipped[str(path)]
+    names = ", ".join(shipped) or "none"
+    raise InputError(
+        f"prior {path} does not exist: give a prior folder or archive, or the name of a "
+        f"shipped prior ({names})"
+    )
+
+
 def _read_members(path: Path) -> tuple[bytes, bytes]:
     """(prior.json bytes, weights bytes) from a folder, zip or tar archive."""
     if path.is_dir():
@@ -155,7 +181,7 @@ def _member(names: list[str], want: str, path: Path) -> str:
 
 def read_prior_metadata(path: str | os.PathLike) -> PriorMetadata:
     """Only the metadata of a prior folder or archive (no weights are built)."""
-    path = Path(path)
+    path = resolve_prior(path)
     meta_bytes, _ = _read_members(path)
     return PriorMetadata.from_dict(_parse_json(meta_bytes, path), source=str(path))
 
@@ -171,7 +197,7 @@ def _parse_json(data: bytes, path: Path) -> dict[str, Any]:
 
 
 def load_prior(path: str | os.PathLike, device: torch.device | str = "cpu") -> Prior | NetworkPrior:
-    """Read a prior folder (or a .zip/.tar of one) on ``device``.
+    """Read a prior folder (or a .zip/.tar of one, or a shipped prior by name) on ``device``.
 
     Rebuilds the network from its config and loads the safetensors weights (strictly:
     every tensor must match); checks the weights' SHA-256 against ``prior.json``. Never
@@ -179,7 +205,7 @@ def load_prior(path: str | os.PathLike, device: torch.device | str = "cpu") -> P
     objective, and "sr3") give a :class:`Prior` (schedule and denoiser rebuilt from the
     diffusion config); "regression" and "heat_restoration" give a :class:`NetworkPrior`.
     """
-    path = Path(path)
+    path = resolve_prior(path)
     meta_bytes, weights = _read_members(path)
     record = _parse_json(meta_bytes, path)
     meta = PriorMetadata.from_dict(record, source=str(path))

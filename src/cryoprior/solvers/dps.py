@@ -281,6 +281,18 @@ class _Sampler:
         g2 = (self.a_net.gain * self.a_net.scale) ** 2
         return lambda v: approx(v, a, b * g2)
 
+    def _range_preconditioner(
+        self, a: float, b: float
+    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Jacobi preconditioner ≈ (a I + b AAᵀ)⁻¹ in the measurement space, when the
+        operator reports diag(AAᵀ) (``range_normal_diagonal()``, its own units)."""
+        diag_fn = getattr(self.a_net.op, "range_normal_diagonal", None)
+        if diag_fn is None:
+            return None
+        g2 = (self.a_net.gain * self.a_net.scale) ** 2
+        inv = 1.0 / (a + b * g2 * diag_fn())
+        return lambda v: v * inv.to(device=v.device, dtype=v.dtype)
+
     def guide_pigdm(self, x: torch.Tensor, t: float) -> tuple[DenoiserOutput, torch.Tensor]:
         """Π-GDM Gaussian likelihood: x̂0_y = x̂0 + (σ_t²/α_t) Jᵀ Aᵀ(σ²I + r_t² AAᵀ)⁻¹(y − A x̂0).
 
@@ -319,7 +331,14 @@ class _Sampler:
                 def cov(v: torch.Tensor) -> torch.Tensor:
                     return s2 * v + r2 * lin.forward(lin.adjoint(v))
 
-                v = conjugate_gradient(cov, resid, max_iter=self.n_inner, tol=1e-8, batch_ndim=1).x
+                v = conjugate_gradient(
+                    cov,
+                    resid,
+                    max_iter=self.n_inner,
+                    tol=1e-8,
+                    batch_ndim=1,
+                    preconditioner=self._range_preconditioner(s2, r2),
+                ).x
                 (g,) = torch.autograd.grad(y_model, x_in, grad_outputs=v)
         x0_y = out.x0.detach() + (sigma**2 / alpha) * g
         if self.guidance == "pigdm_dc":

@@ -70,10 +70,11 @@ from cryoprior.core.errors import InputError, require, require_positive
 from cryoprior.core.files import atomic_path
 from cryoprior.core.runtime import progress, seed_everything
 from cryoprior.geometry.fft import fft2_c, fft3_c, ifft3_c
-from cryoprior.geometry.grids import frequency_grid
+from cryoprior.geometry.grids import centered_indices, frequency_grid
 from cryoprior.geometry.rotations import (
     axis_angle_to_matrix,
     matrix_to_euler,
+    matrix_to_quaternion,
     rotation_angle,
 )
 from cryoprior.io.star import read_particle_images
@@ -87,7 +88,8 @@ from cryoprior.physics.source import ParticleSource
 
 NETWORKS = ("bacon", "residual_mfn")
 INITS = ("default", "marching", "bacon")
-POSE_MODES = ("all", "shifts", "fixed")
+POSE_MODES = ("all", "search", "adam", "shifts", "fixed")
+POSE_SEARCHES = ("local", "adam")
 CHECKPOINT_FORMAT = "cryoprior-mfn-fit"
 CHECKPOINT_VERSION = 1
 
@@ -104,8 +106,9 @@ class Stage:
         (0, 1]; None uses the band of network output ``outputs`` (capped at Nyquist).
     epochs: passes over the particle set (fractions allowed).
     outputs: network stage k: outputs 1..k are active and only their layers train.
-    poses: ``"all"`` (refine rotations and shifts), ``"shifts"`` (shifts only) or
-        ``"fixed"``.
+    poses: ``"all"`` (refine rotations and shifts with the config's ``pose_search``),
+        ``"search"`` (local search, then Adam steps), ``"adam"`` (Adam steps only),
+        ``"shifts"`` (shifts only) or ``"fixed"``.
     """
 
     band: float | None
@@ -140,8 +143,9 @@ def parse_stages(text: str, pixel_size: float | None = None) -> tuple[Stage, ...
     BAND is a fraction of Nyquist (``0.5``), a resolution in Å (``12A``; needs
     ``pixel_size``) or ``auto`` (the band of network output OUTPUTS). EPOCHS is the number
     of passes over the particles; OUTPUTS the network stage k (outputs 1..k trainable).
-    POSES is ``all`` (default: refine rotations and shifts), ``shifts`` or ``fixed``.
-    Example: ``auto:1:1,0.3:1:2,0.6:2:2``.
+    POSES is ``all`` (default: refine rotations and shifts as the config's ``pose_search``
+    says), ``search`` (local exhaustive search, then Adam steps), ``adam`` (Adam steps
+    only), ``shifts`` or ``fixed``. Example: ``auto:1:1:search,0.3:1:2,0.6:2:2:adam``.
     """
     stages = []
     for item in (s.strip() for s in str(text).split(",")):
@@ -151,7 +155,7 @@ def parse_stages(text: str, pixel_size: float | None = None) -> tuple[Stage, ...
         if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] not in POSE_MODES):
             raise InputError(
                 f"stage {item!r}: expected BAND:EPOCHS:OUTPUTS[:POSES] with POSES one of "
-                f"{', '.join(POSE_MODES)}, e.g. 0.5:2:1 or 12A:2:2:shifts"
+                f"{', '.join(POSE_MODES)}, e.g. 0.5:2:1 or 12A:2:2:search"
             )
         band_text = parts[0].strip()
         try:
@@ -212,6 +216,16 @@ class MFNFitConfig:
     stage's band fraction; refine_shifts: refine in-plane shifts too; pose_accept: keep a
     particle's new pose only if its misfit drops by more than pose_accept times what
     fitting noise would give (0: any decrease).
+    pose_search: ``"local"`` (stages whose poses are ``"all"`` run the local exhaustive
+    search of :func:`local_search` on each batch before the Adam steps) or ``"adam"``
+    (Adam steps only). search_radius_deg / search_step_deg: the search's rotation radius
+    and lattice spacing (degrees) at the first searching stage; at a later stage both are
+    multiplied by (first searching stage's band / this stage's band), so they shrink with
+    the resolution and the candidate count stays the same. search_levels: lattice levels
+    (each further one tries the 3³ cube of a third of the spacing around the best).
+    search_max_shift: the largest shift move (Å) per visit (None: 3 pixels of the data; 0:
+    no shift search); the shift lattice spacing is L/(4 b) Å at band b (cycles per box,
+    box length L), a third of it per further level.
     warm_start_steps: regression steps onto the initial back-projection (0: none).
     pad, kernel: the projector's oversampling and Fourier interpolation.
     """
@@ -233,6 +247,11 @@ class MFNFitConfig:
     pose_lr_angstrom: float = 0.1
     refine_shifts: bool = True
     pose_accept: float = 0.0
+    pose_search: str = "local"
+    search_radius_deg: float = 30.0
+    search_step_deg: float = 7.5
+    search_levels: int = 2
+    search_max_shift: float | None = None
     warm_start_steps: int = 200
     pad: float = 2.0
     kernel: str = "linear"
@@ -273,6 +292,33 @@ class MFNFitConfig:
         require_positive(self.pose_lr_angstrom, "pose shift step (Å)")
         require(self.warm_start_steps >= 0, "warm_start_steps must be >= 0")
         require(self.pose_accept >= 0, "pose_accept must be >= 0")
+        require(
+            self.pose_search in POSE_SEARCHES,
+            f"pose_search must be one of {POSE_SEARCHES}, got {self.pose_search!r}",
+        )
+        require(
+            math.isfinite(self.search_radius_deg) and 0 <= self.search_radius_deg <= 180,
+            f"search radius must be in [0, 180] degrees, got {self.search_radius_deg}",
+        )
+        require(
+            math.isfinite(self.search_step_deg) and self.search_step_deg > 0,
+            f"search step must be > 0 degrees, got {self.search_step_deg}",
+        )
+        require(
+            self.search_radius_deg / self.search_step_deg <= 12,
+            f"a search radius of {self.search_radius_deg}° at a {self.search_step_deg}° step "
+            f"tries ~{4.19 * (self.search_radius_deg / self.search_step_deg) ** 3:.0f} "
+            "rotations per image; keep radius/step <= 12 (use a larger step)",
+        )
+        require(
+            isinstance(self.search_levels, int) and 1 <= self.search_levels <= 4,
+            f"search_levels must be an integer in 1..4, got {self.search_levels!r}",
+        )
+        require(
+            self.search_max_shift is None
+            or (math.isfinite(self.search_max_shift) and self.search_max_shift >= 0),
+            f"search max shift must be >= 0 Å (or None: 3 pixels), got {self.search_max_shift}",
+        )
         require(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
         check_kernel(self.kernel)
         padded_size(8, self.pad)
@@ -751,6 +797,293 @@ def _adam_pose_steps(
     poses.shifts[idx[accept]] = best_shifts[accept].to(torch.float64)
 
 
+# ---------------------------------------------------------------------------------------
+# local exhaustive pose search
+
+# Candidate × image × frequency values handled per chunk (bounds the search's work arrays).
+_SEARCH_VALUES_PER_CHUNK = 2**20
+
+
+def rotation_log(rotations: torch.Tensor) -> torch.Tensor:
+    """Axis-angle vectors (..., 3) (radians, angle in [0, π]) of rotations (..., 3, 3).
+
+    The inverse of :func:`cryoprior.geometry.rotations.axis_angle_to_matrix`, through the
+    unit quaternion (w, v) = (cos θ/2, sin θ/2 · u): θ u = 2 atan2(|v|, w) v / |v|.
+    """
+    q = matrix_to_quaternion(rotations)  # w >= 0
+    w, v = q[..., :1], q[..., 1:]
+    sin_half = v.norm(dim=-1, keepdim=True)
+    angle = 2 * torch.atan2(sin_half, w)
+    factor = torch.where(sin_half > 1e-9, angle / sin_half.clamp_min(1e-9), 2.0 / w.clamp_min(0.5))
+    return v * factor
+
+
+def search_offsets(radius: float, step: float) -> torch.Tensor:
+    """Axis-angle offsets (C, 3) in radians: the cubic lattice of spacing ``step`` inside
+    the ball |δ| ≤ ``radius`` (radians), ordered by |δ| (δ = 0 first)."""
+    require(radius >= 0 and step > 0, f"search radius must be >= 0, step > 0: {radius}, {step}")
+    n = int(math.floor(radius / step + 1e-9))
+    axis = torch.arange(-n, n + 1, dtype=torch.float64) * step
+    lattice = torch.cartesian_prod(axis, axis, axis).reshape(-1, 3)
+    norms = lattice.norm(dim=-1)
+    keep = norms <= radius * (1 + 1e-9) + 1e-12
+    order = torch.argsort(norms[keep], stable=True)
+    return lattice[keep][order]
+
+
+def _cube_offsets(step: float, dim: int) -> torch.Tensor:
+    """The 3^dim offsets step·{-1, 0, 1}^dim (zero first): one refinement level, which
+    covers the cell of a lattice of spacing 3·step around its centre."""
+    axis = torch.tensor([0.0, -1.0, 1.0], dtype=torch.float64) * step
+    return torch.cartesian_prod(*([axis] * dim)).reshape(-1, dim)
+
+
+@dataclass(frozen=True)
+class SearchGrid:
+    """A local search: rotations on a lattice, then finer cubes; shifts likewise.
+
+    radius / step: the first level's rotation ball and lattice spacing (radians); each of
+    the ``levels`` - 1 further levels tries the 3³ cube of spacing step/3^l around each
+    image's best rotation. max_shift: the largest move of the shift (Å) from where the
+    search starts (0: rotations only); shift_step: the first level's shift spacing (Å);
+    further levels try the 3² square of spacing shift_step/3^l around the best shift.
+    """
+
+    radius: float
+    step: float
+    levels: int
+    max_shift: float
+    shift_step: float
+
+
+class BandSearchModel:
+    """Model spectra of many candidate poses on a working grid's band, for the pose search.
+
+    The spectra are taken on the Hermitian half of the band (kx > 0, or kx = 0 and
+    ky ≥ 0; weights 2, and 1 for DC, so weighted sums equal sums over the whole band).
+    A candidate's spectrum is the projector's padded 3-D FT (the gridding-corrected map
+    of :class:`~cryoprior.physics.projection.Projector`) sampled trilinearly
+    (``grid_sample``) at Rᵀ(kx, ky, 0)·Dp/D' — the working grid's frequencies — times the
+    CTF at those frequencies, times (D/D')³, times the phase of the shift s (Å, RELION
+    origin): e^{2πi k·s/L} with L the box length in Å. This is :func:`model_spectra`
+    without the crop to D' × D' after the shift (which only cuts the CTF's
+    delocalisation at the box edge), at a fraction of its cost (no FFTs, only the band).
+
+    The loss over the band, Σ_k w_k |Y(k) − Ŷ_s(k)|², equals ‖Y‖² + P − 2 Re Σ_k w_k
+    conj(Ŷ₀(k)) Y(k) e^{-2πi k·t/L} with P = Σ_k w_k |Ŷ₀(k)|², for the shift s + t and Ŷ₀ at
+    s: one spectrum per rotation gives the loss at every shift t (:meth:`losses`).
+    """
+
+    def __init__(self, projector: Projector, grid: WorkingGrid, ctf: CTFParams | None) -> None:
+        d = grid.box
+        self.grid = grid
+        self.padded = projector.padded_size
+        ky, kx = torch.meshgrid(
+            centered_indices(d, torch.float64), centered_indices(d, torch.float64), indexing="ij"
+        )
+        half = (kx > 0) | ((kx == 0) & (ky >= 0))
+        self.select = half[grid.mask]  # (n_mask,): entries of data_spectra on the half plane
+        plane = grid.mask & half
+        self.k = torch.stack([kx[plane], ky[plane]], -1).to(torch.float32)  # (n, 2) index
+        self.weight = torch.where((self.k == 0).all(-1), 1.0, 2.0)
+        self.length = grid.box * grid.pixel_size  # Å
+        real = torch.view_as_real(projector.volume_ft.detach())
+        self.volume = real.permute(3, 0, 1, 2).unsqueeze(0).contiguous().to(torch.float32)
+        self.ctf = None
+        if ctf is not None:
+            self.ctf = compute_ctf(ctf, (d, d), grid.pixel_size)[:, plane]  # (B, n)
+
+    def half(self, data: torch.Tensor) -> torch.Tensor:
+        """The half-plane entries (B, n) of band spectra (B, n_mask) (:func:`data_spectra`)."""
+        return data[:, self.select]
+
+    def phases(self, shifts: torch.Tensor) -> torch.Tensor:
+        """e^{2πi k·s/L} (..., n) for shifts (..., 2) in Å."""
+        arg = (2 * math.pi / self.length) * (shifts.to(torch.float32) @ self.k.T)
+        return torch.polar(torch.ones_like(arg), arg)
+
+    def spectra(self, rotations: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+        """Model spectra (C, B, n) for rotations (C, B, 3, 3) and shifts (B, 2) Å."""
+        c, b = rotations.shape[:2]
+        scale = self.padded / self.grid.box
+        points = (self.k * scale) @ rotations[..., :2, :].to(torch.float32)  # (C, B, n, 3)
+        where = (points + self.padded // 2) * (2.0 / (self.padded - 1)) - 1.0
+        sampled = torch.nn.functional.grid_sample(
+            self.volume,
+            where.reshape(1, c * b, -1, 1, 3),
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=True,
+        )  # (1, 2, C·B, n, 1)
+        values = torch.complex(sampled[0, 0, ..., 0], sampled[0, 1, ..., 0]).reshape(c, b, -1)
+        values = values * (self.grid.spectral_scale * self.phases(shifts))
+        return values if self.ctf is None else values * self.ctf
+
+    def losses(self, model: torch.Tensor, data: torch.Tensor, ramps: torch.Tensor) -> torch.Tensor:
+        """Band losses minus ‖Y‖², (C, B, S), of model spectra (C, B, n) against half-plane
+        data (B, n) at relative shifts given by ``ramps`` e^{-2πi k·t/L}, (n, S) shared or
+        (B, n, S) per image."""
+        power = (self.weight * (model.real**2 + model.imag**2)).sum(-1)
+        cross = (self.weight * model.conj() * data).to(torch.complex64)
+        if ramps.ndim == 2:
+            corr = (cross @ ramps).real
+        else:
+            corr = torch.einsum("cbn,bns->cbs", cross, ramps).real
+        return power[..., None] - 2 * corr
+
+    def ramps(self, offsets: torch.Tensor) -> torch.Tensor:
+        """e^{-2πi k·t/L} for relative shifts t: (S, 2) -> (n, S); (B, S, 2) -> (B, n, S)."""
+        return self.phases(-offsets).transpose(-1, -2)
+
+
+def _best_candidates(
+    model: BandSearchModel,
+    data: torch.Tensor,
+    centres: torch.Tensor,
+    moves: torch.Tensor,
+    shifts: torch.Tensor,
+    offsets: torch.Tensor,
+    max_shift: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best of rotations moves_c · centre_i (C × B) and relative shifts offsets (S, 2)
+    or (B, S, 2) Å with |offset| ≤ max_shift, for each image: (loss (B,), rotation (B, 3, 3)
+    float64, offset (B, 2) float64). Chunked over candidates (``_SEARCH_VALUES_PER_CHUNK``)."""
+    b, n = data.shape
+    per_image = offsets.expand(b, *offsets.shape[-2:])  # (B, S, 2)
+    allowed = per_image.norm(dim=-1) <= max_shift * (1 + 1e-9) + 1e-12  # (B, S)
+    ramps = model.ramps(offsets)
+    chunk = max(1, _SEARCH_VALUES_PER_CHUNK // max(1, b * n))
+    rows = torch.arange(b)
+    best_loss = torch.full((b,), math.inf)
+    best_rot = centres.clone()
+    best_t = torch.zeros(b, 2, dtype=torch.float64)
+    for start in range(0, moves.shape[0], chunk):
+        cand = moves[start : start + chunk, None] @ centres[None]  # (c, B, 3, 3) float64
+        loss = model.losses(model.spectra(cand, shifts), data, ramps)  # (c, B, S)
+        loss = torch.where(allowed[None], loss, math.inf)
+        value, where = loss.permute(1, 0, 2).reshape(b, -1).min(-1)
+        better = value < best_loss
+        ci, si = where // allowed.shape[1], where % allowed.shape[1]
+        best_loss = torch.where(better, value, best_loss)
+        best_rot = torch.where(better[:, None, None], cand[ci, rows], best_rot)
+        best_t = torch.where(better[:, None], per_image[rows, si], best_t)
+    return best_loss, best_rot, best_t
+
+
+def local_search(
+    model: BandSearchModel,
+    data: torch.Tensor,
+    rotations: torch.Tensor,
+    shifts: torch.Tensor,
+    search: SearchGrid,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exhaustive local search around each image's pose against a fixed map.
+
+    Level 0 tries every rotation exp([δ]×) R_i for δ on :func:`search_offsets` (radius,
+    step), and for each the shifts s_i + t with t on a square lattice of spacing
+    ``shift_step`` inside |t| ≤ ``max_shift`` (all shifts of one rotation from one
+    spectrum, :class:`BandSearchModel`). Level l ≥ 1 tries the 3³ rotations
+    exp([δ]×) R_best with δ on step/3^l·{-1, 0, 1}³ and the 3² shifts t_best +
+    shift_step/3^l·{-1, 0, 1}² (still |t| ≤ max_shift). The pose with the lowest band loss
+    wins; the starting pose is a candidate, so the result never has a higher (search-model)
+    loss than it.
+
+    Args:
+        model: the map and CTFs of the batch (:class:`BandSearchModel`).
+        data: (B, n) half-plane data spectra (:meth:`BandSearchModel.half`).
+        rotations: (B, 3, 3) current rotations; shifts: (B, 2) current shifts (Å).
+        search: the lattices (:class:`SearchGrid`).
+
+    Returns:
+        rotations (B, 3, 3) float64, shifts (B, 2) float64 (Å) and the band losses
+        Σ w |Y − Ŷ|² − ‖Y‖² (B,) of the best candidates.
+
+    Cost: C₀ + 27 (levels − 1) spectra per image (C₀ ≈ 4.19 (radius/step)³), each n
+    trilinear samples, plus n·S₀ (level 0, S₀ shifts) or 9 n products per spectrum for the
+    shifts. Memory: chunks of ≤ 2²⁰ candidate × image × frequency values; peak about
+    2²⁰ × (12 sample coordinates + 8 samples + 3 × 8 complex products) bytes ≈ 50 MB,
+    plus the (chunk, B, S₀) loss table.
+    """
+    data = data.to(torch.complex64)
+    centre = rotations.to(torch.float64)
+    s = shifts.to(torch.float32)
+    m = int(math.floor(search.max_shift / search.shift_step + 1e-9))
+    axis = torch.arange(-m, m + 1, dtype=torch.float64) * search.shift_step
+    disc = torch.cartesian_prod(axis, axis).reshape(-1, 2)
+    disc = disc[torch.argsort(disc.norm(dim=-1), stable=True)]  # t = 0 first
+    moves = axis_angle_to_matrix(search_offsets(search.radius, search.step))
+    loss, best_rot, best_t = _best_candidates(model, data, centre, moves, s, disc, search.max_shift)
+    square = _cube_offsets(1.0, 2) if m > 0 else torch.zeros(1, 2, dtype=torch.float64)
+    for level in range(1, search.levels):
+        moves = axis_angle_to_matrix(_cube_offsets(search.step / 3**level, 3))
+        offsets = best_t[:, None, :] + square * (search.shift_step / 3**level)
+        value, rot, t = _best_candidates(model, data, best_rot, moves, s, offsets, search.max_shift)
+        better = value < loss
+        loss = torch.where(better, value, loss)
+        best_rot = torch.where(better[:, None, None], rot, best_rot)
+        best_t = torch.where(better[:, None], t, best_t)
+    return best_rot, shifts.to(torch.float64) + best_t, loss
+
+
+def search_grid(
+    config: MFNFitConfig, grid: WorkingGrid, scale: float = 1.0, rotations: bool = True
+) -> SearchGrid:
+    """The :class:`SearchGrid` of ``config`` on a working grid: radius and step (degrees in
+    the config, radians here) times ``scale``; the shift lattice spacing L/(4 b) Å (L the
+    box length in Å, b the band in cycles per box: a quarter period at the band edge);
+    max shift ``search_max_shift`` Å (None: 3 pixels of the data; 0 without
+    ``refine_shifts``). ``rotations`` False searches shifts only."""
+    length = grid.box * grid.pixel_size
+    max_shift = (
+        3 * length / grid.full if config.search_max_shift is None else config.search_max_shift
+    )
+    return SearchGrid(
+        radius=math.radians(config.search_radius_deg) * scale if rotations else 0.0,
+        step=math.radians(config.search_step_deg) * scale,
+        levels=config.search_levels,
+        max_shift=max_shift if config.refine_shifts else 0.0,
+        shift_step=length / (4 * grid.band),
+    )
+
+
+def _search_pose_steps(
+    projector: Projector,
+    poses: _PoseState,
+    idx: torch.Tensor,
+    data: torch.Tensor,
+    ctf: torch.Tensor | None,
+    ctf_params: CTFParams | None,
+    grid: WorkingGrid,
+    search: SearchGrid,
+) -> None:
+    """Local exhaustive search (:func:`local_search`) for the batch's poses, map fixed.
+
+    ``data`` are the batch's band spectra (:func:`data_spectra`), ``ctf`` its CTFs on the
+    padded working grid and ``ctf_params`` their parameters. A particle moves to the pose
+    the search found only if its loss under the fit's forward model
+    (:func:`model_spectra`, which the search approximates) is lower there, so a visit never
+    increases its image's misfit for the current map.
+    """
+    model = BandSearchModel(projector, grid, ctf_params)
+    rot = poses.rotations(idx)
+    shifts = poses.shifts[idx]
+    new_rot, new_shifts, _ = local_search(model, model.half(data), rot, shifts, search)
+    both_ctf = None if ctf is None else torch.cat([ctf, ctf])
+    with torch.no_grad():
+        model_both = model_spectra(
+            projector,
+            torch.cat([rot, new_rot]).to(torch.float32),
+            torch.cat([shifts, new_shifts]).to(torch.float32),
+            both_ctf,
+            grid,
+        )
+    loss = ((model_both - torch.cat([data, data])).abs() ** 2).sum(-1)
+    accept = loss[idx.shape[0] :] < loss[: idx.shape[0]]
+    moved = idx[accept]
+    poses.delta[moved] = rotation_log(new_rot[accept] @ poses.base[moved].transpose(-1, -2))
+    poses.shifts[moved] = new_shifts[accept]
+
+
 def refine_poses(
     volume: torch.Tensor,
     pixel_size: float,
@@ -766,11 +1099,14 @@ def refine_poses(
 
     ``volume`` (D, D, D) and ``images`` (N, D, D) share the pixel size (Å/px); rotations
     (N, 3, 3) and shifts (N, 2) (RELION origins, Å) are the starting poses; ``band`` the
-    low-pass as a fraction of Nyquist. Each of ``visits`` passes runs ``config.pose_steps``
-    Adam steps per batch of ``config.batch_size`` (see :func:`fit_mfn`). Returns the
-    refined (N, 3, 3) rotations and (N, 2) shifts, float64.
+    low-pass as a fraction of Nyquist. Each of ``visits`` passes runs, per batch of
+    ``config.batch_size``, the local search of ``config`` (when ``pose_search`` is
+    ``"local"``; radius and step as in the config, :func:`search_grid`), then
+    ``config.pose_steps`` Adam steps (see :func:`fit_mfn`). Returns the refined (N, 3, 3)
+    rotations and (N, 2) shifts, float64.
     """
     config = config or MFNFitConfig()
+    config.validate()
     d = volume.shape[-1]
     require(
         images.ndim == 3 and images.shape[-2:] == (d, d),
@@ -787,10 +1123,15 @@ def refine_poses(
         for start in range(0, images.shape[0], config.batch_size):
             idx = torch.arange(start, min(images.shape[0], start + config.batch_size))
             data = data_spectra(images[idx].to(torch.float32), grid)
-            batch_ctf = None
+            batch_ctf, params = None, None
             if ctf is not None:
-                batch_ctf = compute_ctf(ctf.index(idx), (dp, dp), grid.pixel_size)
-            _adam_pose_steps(projector, poses, idx, data, batch_ctf, grid, config)
+                params = ctf.index(idx)
+                batch_ctf = compute_ctf(params, (dp, dp), grid.pixel_size)
+            if config.pose_search == "local":
+                search = search_grid(config, grid)
+                _search_pose_steps(projector, poses, idx, data, batch_ctf, params, grid, search)
+            if config.pose_steps > 0:
+                _adam_pose_steps(projector, poses, idx, data, batch_ctf, grid, config)
     return poses.rotations(), poses.shifts.clone()
 
 
@@ -837,6 +1178,25 @@ class _Fit:
         self.net.set_stage(stage.outputs)
         band = _stage_band(stage, self.net, self.box)
         return working_grid(self.box, self.px, band, float(self.net.bands[stage.outputs - 1]))
+
+    def pose_mode(self, stage: Stage) -> str:
+        """What a stage does to the poses: search, adam, shifts (searched too when the
+        config searches) or fixed."""
+        if stage.poses == "all":
+            return "search" if self.config.pose_search == "local" else "adam"
+        return stage.poses
+
+    def search(self, stage: Stage, grid: WorkingGrid) -> SearchGrid | None:
+        """The stage's local search (None: none). Radius and step are the config's at the
+        first searching stage, scaled by (its band / this stage's band) at later ones."""
+        mode = self.pose_mode(stage)
+        if mode == "shifts" and self.config.pose_search == "local" and self.config.refine_shifts:
+            return search_grid(self.config, grid, rotations=False)
+        if mode != "search":
+            return None
+        first = next(s for s in self.stages if self.pose_mode(s) == "search")
+        scale = min(1.0, _stage_band(first, self.net, self.box) / grid.band)
+        return search_grid(self.config, grid, scale)
 
     # -- start: fresh or from a checkpoint
 
@@ -951,13 +1311,19 @@ class _Fit:
             loss.backward()
             self.opt.step()
             loss_value = float(loss.detach())
-        if stage.poses != "fixed" and config.pose_steps > 0:
+        mode = self.pose_mode(stage)
+        search = self.search(stage, grid)
+        if mode != "fixed" and (config.pose_steps > 0 or search is not None):
             with torch.no_grad():
                 volume = render_volume(self.net, grid, self.amplitude, k)
                 projector = Projector(volume, config.pad, config.kernel)
-            _adam_pose_steps(
-                projector, self.poses, idx, data, ctf, grid, config, stage.poses == "all"
-            )
+            if search is not None:
+                params = None if self.source.ctf is None else self.source.ctf.index(idx)
+                _search_pose_steps(projector, self.poses, idx, data, ctf, params, grid, search)
+            if config.pose_steps > 0:
+                _adam_pose_steps(
+                    projector, self.poses, idx, data, ctf, grid, config, mode != "shifts"
+                )
         self.losses.append(loss_value)
         self.step_in_stage += 1
         return loss_value

@@ -310,6 +310,16 @@ class FourierLikelihoodOperator(LinearOperator):
         )
         return torch.view_as_real(y).to(dtype)
 
+    def range_normal_diagonal(self) -> torch.Tensor:
+        """diag(B Bᵀ) on the real-pair measurement space, (Dp, Dp, Dp, 2): κW · Σ g²/2.
+
+        Each spectral coefficient sees the whole (gridding-weighted) box, and a real map's
+        real and imaginary parts share that energy equally (exact away from the
+        self-conjugate frequencies) — the Jacobi preconditioner of Π-GDM's solve."""
+        energy = float((self._g**2).sum()) / 2.0
+        d = (self._sqrt_w**2) * energy
+        return torch.stack([d, d], dim=-1)
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         g = self._g.to(device=x.device, dtype=x.dtype)
         spec = fft3_c(pad_centred(x * g, self.dp, 3))
