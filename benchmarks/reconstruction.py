@@ -15,7 +15,7 @@ Methods, all at the known poses and CTFs:
       regulariser; cryoprior.solvers.backprojection.reconstruct_source);
   (b) smoothness-regularised least squares, ‖∇x‖² penalty, weight by the discrepancy
       principle (cryoprior.solvers.prior_reconstruction.smoothness_regularized);
-  (c) posterior sampling with the volume prior (--guidance, default "dps_x0"; DDIM, --steps
+  (c) posterior sampling with the volume prior (--guidance, default "pigdm"; DDIM, --steps
       steps, one sample), likelihood from the same sufficient statistics.
 The intensity scale for (c) comes from the DC terms of the acquisition's 1000 images and
 the protein's mass from its sequence (never from the ground-truth map); its error is
@@ -286,7 +286,7 @@ def main() -> None:
     ap.add_argument("--n-proteins", type=int, default=5)
     ap.add_argument("--k", type=int, nargs="+", default=[3, 10, 100, 1000])
     ap.add_argument("--snr", type=float, nargs="+", default=[1.0, 0.1, 0.01])
-    ap.add_argument("--guidance", default="dps_x0")
+    ap.add_argument("--guidance", default="pigdm")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--n-inner", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)

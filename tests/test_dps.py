@@ -15,7 +15,12 @@ import pytest
 import torch
 
 from cryoprior.core.errors import InputError
-from cryoprior.diffusion import AnalyticGaussianDenoiser, LinearSchedule, remove_mean
+from cryoprior.diffusion import (
+    AnalyticGaussianDenoiser,
+    DenoiserOutput,
+    LinearSchedule,
+    remove_mean,
+)
 from cryoprior.geometry.rotations import random_rotations
 from cryoprior.physics.atoms import atoms_to_map, gaussians_to_map
 from cryoprior.physics.ctf import CTFParams
@@ -110,6 +115,46 @@ def test_dps_x0_equals_pigdm_for_a_gaussian_prior():
         **kw,
     )
     torch.testing.assert_close(r1.samples, r2.samples, rtol=1e-7, atol=1e-7)
+
+
+class _IdentityDenoiser(torch.nn.Module):
+    """x̂0 = x_t at every t: a Jacobian (I) that does not vanish as α_t → 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.schedule = LinearSchedule()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **_) -> DenoiserOutput:
+        alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(t[:1]))
+        eps = (x - alpha * x) / sigma
+        return DenoiserOutput(x0=x, eps=eps, score=-eps / sigma)
+
+
+@pytest.mark.parametrize("clip", [2.0, 0.5])
+def test_pigdm_caps_its_correction_near_t1(clip):
+    """The x̂0 correction's norm is at most ``pigdm_clip`` × the Gaussian one r_t²‖v‖."""
+    n, m, sigma = 6, 4, 0.1
+    _, a, y, _, _ = _problem(n, m, sigma, 1.0, seed=2)
+    x_t = torch.randn(1, n, generator=torch.Generator().manual_seed(0), dtype=F64)
+    den = _IdentityDenoiser()
+    seen = {}
+
+    def first(i, x_next, out):
+        if i == 0:
+            seen["x0"] = out.x0.clone()
+
+    kw = dict(guidance="pigdm", sampler="ddim", x_T=x_t, data_std=1.0, n_inner=50)
+    dps_sample(den, MatrixOperator(a), y, sigma, 10, pigdm_clip=clip, callback=first, **kw)
+    t0 = float(den.schedule.timesteps(10)[0])
+    alpha, sig = (float(v) for v in den.schedule.alpha_sigma(torch.tensor([t0])))
+    st2 = (sig / alpha) ** 2
+    r2 = st2 / (1 + st2)
+    v = a.T @ torch.linalg.solve(sigma**2 * torch.eye(m, dtype=F64) + r2 * a @ a.T, y - a @ x_t[0])
+    raw = (sig**2 / alpha) * v  # J = I: the uncapped correction
+    got = seen["x0"][0] - x_t[0]
+    assert float(raw.norm()) > 10 * clip * r2 * float(v.norm())  # the cap must act here
+    assert float(got.norm()) == pytest.approx(clip * r2 * float(v.norm()), rel=1e-4)
+    assert float(torch.nn.functional.cosine_similarity(got, raw, dim=0)) > 0.9999
 
 
 def test_dps_mean_approaches_the_posterior_mean():

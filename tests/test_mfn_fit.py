@@ -123,13 +123,15 @@ def test_forward_model_on_coarse_working_grid(band):
 
 
 def test_refine_poses_recovers_small_perturbation():
-    # noiseless toy problem, the true map fixed: a 4° / 1 Å perturbation is undone
+    # noiseless toy problem, the true map fixed: Adam steps undo a 4° / 1 Å perturbation
     box, px = 24, 2.0
     vol = blob_map(box)
     rotations, shifts, ctf = particle_params(24, box, px, shift=2.0)
     images = ParticleRenderer(Volume(vol, px), pad=2.0).render(rotations.float(), shifts, ctf)
     start_r, start_s = perturb_poses(rotations, shifts, 4.0, 1.0, seed=3)
-    config = MFNFitConfig(pose_steps=25, pose_lr_deg=0.15, pose_lr_angstrom=0.05, kernel="cubic")
+    config = MFNFitConfig(
+        pose_search="adam", pose_steps=25, pose_lr_deg=0.15, pose_lr_angstrom=0.05, kernel="cubic"
+    )
     r, s = refine_poses(vol, px, images, start_r, start_s, ctf, band=1.0, visits=3, config=config)
     truth_s = torch.as_tensor(shifts)
     before = pose_errors(start_r, start_s, rotations, truth_s, align=False)

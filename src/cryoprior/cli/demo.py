@@ -230,7 +230,7 @@ def _prior_comparison(
         "wiener": entry(w_coarse, wiener_p, truth_p, mask_p)
         | {"fsc0143_vs_truth_own_grid_angstrom": w_fine.resolution_0143},
         "prior": entry(p_coarse, post.mean.double(), truth_p, mask_p)
-        | {"samples": args.prior_samples, "steps": args.prior_steps, "guidance": "dps_x0"},
+        | {"samples": args.prior_samples, "steps": args.prior_steps, "guidance": "pigdm"},
         "seconds": {"wiener": t_wiener, "prior": post.seconds["total"]},
         "curves": {
             f"Wiener, {k} particles": w_fine,

@@ -62,7 +62,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--samples", type=int, default=1, help="posterior samples (default 1)")
     g.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30)")
     g.add_argument(
-        "--guidance", choices=GUIDANCES, default="dps_x0", help="DPS rule (default dps_x0)"
+        "--guidance", choices=GUIDANCES, default="pigdm", help="DPS rule (default pigdm)"
     )
     g.add_argument("--eta", type=float, default=0.5, help="DDIM eta (default 0.5)")
     g.add_argument("--write-samples", action="store_true", help="write every sample's map")

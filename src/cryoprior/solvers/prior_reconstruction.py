@@ -25,10 +25,13 @@ Pipeline (:func:`reconstruct_with_prior`):
    and the molecule's mass (:mod:`cryoprior.physics.composition`), never from a ground
    truth; an explicit ``intensity_scale`` can be given instead.
 4. **Posterior sampling.** :func:`cryoprior.solvers.dps.dps_sample` with the Fourier
-   likelihood as its linear operator: ``"dps_x0"`` (default; a proximal data step on
-   x̂0 by CG, no back-propagation through the network), ``"pigdm"`` or ``"dps"``
-   (Chung et al. 2023), DDIM or DDPM steps. Several samples give the posterior mean
-   and the per-voxel standard deviation.
+   likelihood as its linear operator: ``"pigdm"`` (default; Π-GDM's Gaussian
+   likelihood through the network's Jacobian, Jacobi-preconditioned CG in the
+   measurement space, the correction's norm capped near t = 1 — see
+   :mod:`cryoprior.solvers.dps`), ``"dps_x0"`` (a proximal data step on x̂0 by CG, no
+   back-propagation; cheaper, but it lets the prior override the data at 10–100 images)
+   or ``"dps"`` (Chung et al. 2023), DDIM or DDPM steps. Several samples give the
+   posterior mean and the per-voxel standard deviation.
 
 Returned maps are in the measurement's units per voxel at the prior's pixel size, the
 same units as the Wiener map of the same (resampled) particles.
@@ -528,7 +531,7 @@ def reconstruct_with_prior(
     mass_kda: float | None = None,
     intensity: float | None = None,
     indices: np.ndarray | None = None,
-    guidance: str = "dps_x0",
+    guidance: str = "pigdm",
     sampler: str = "ddim",
     n_steps: int = 50,
     n_samples: int = 1,
