@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from cryoprior.cli.main import main as cli
-from cryoprior.cli.reconstruct_mfn import add_mfn_args, run_mfn
+from cryoprior.cli.reconstruct_mfn import add_mfn_args, config_from_args, run_mfn
 from cryoprior.core.containers import Volume
 from cryoprior.core.errors import InputError
 from cryoprior.geometry.rotations import axis_angle_to_matrix, random_rotations, rotation_angle
@@ -31,18 +32,23 @@ from cryoprior.physics.simulator import (
 )
 from cryoprior.physics.source import ParticleSource
 from cryoprior.solvers.mfn_fit import (
+    BandSearchModel,
     MFNFitConfig,
     Stage,
     align_poses,
     data_spectra,
     fit_mfn,
     format_stages,
+    fourier_crop,
     global_alignment,
     model_spectra,
     parse_stages,
     perturb_poses,
     pose_errors,
     refine_poses,
+    rotation_log,
+    search_grid,
+    search_offsets,
     working_grid,
 )
 
@@ -256,19 +262,26 @@ def test_fit_mfn_runs_stages_and_writes_maps(tiny_set, tmp_path):
     assert result.stages[1].losses[-1] < result.stages[1].losses[0]
 
 
-def test_fit_mfn_resume_is_exact(tiny_set, tmp_path):
+@pytest.mark.parametrize("search", ["local", "adam"])
+def test_fit_mfn_resume_is_exact(tiny_set, tmp_path, search):
     star, _ = tiny_set
     source = ParticleSource.from_star(star)
-    config = tiny_config()
-    full = fit_mfn(source, config, out_dir=tmp_path / "a", show_progress=False)
-    part = fit_mfn(source, config, out_dir=tmp_path / "b", show_progress=False, max_steps=5)
+    config = tiny_config(pose_search=search, search_radius_deg=16.0, search_step_deg=8.0)
+    start = perturb_poses(source.rotations, source.particles.shifts, 10.0, 2.0, seed=1)
+    kw = {"show_progress": False, "initial_rotations": start[0], "initial_shifts": start[1]}
+    full = fit_mfn(source, config, out_dir=tmp_path / "a", **kw)
+    part = fit_mfn(source, config, out_dir=tmp_path / "b", max_steps=5, **kw)
     assert not part.finished and len(part.stages) == 1
     with pytest.raises(InputError, match="resume"):
-        fit_mfn(source, config, out_dir=tmp_path / "b", show_progress=False)
+        fit_mfn(source, config, out_dir=tmp_path / "b", **kw)
     with pytest.raises(InputError, match="lr"):
-        fit_mfn(source, tiny_config(lr=5e-2), out_dir=tmp_path / "b", resume=True)
-    rest = fit_mfn(source, config, out_dir=tmp_path / "b", show_progress=False, resume=True)
+        fit_mfn(source, replace(config, lr=5e-2), out_dir=tmp_path / "b", resume=True, **kw)
+    with pytest.raises(InputError, match="search_radius_deg"):
+        bigger = replace(config, search_radius_deg=24.0)
+        fit_mfn(source, bigger, out_dir=tmp_path / "b", resume=True, **kw)
+    rest = fit_mfn(source, config, out_dir=tmp_path / "b", resume=True, **kw)
     assert rest.finished and rest.resumed and len(rest.stages) == 2
+    assert float(rotation_angle(full.rotations, start[0]).max()) > 0.01  # the poses moved
     torch.testing.assert_close(rest.map, full.map, rtol=0, atol=1e-6)
     torch.testing.assert_close(rest.rotations, full.rotations, rtol=0, atol=1e-9)
     torch.testing.assert_close(rest.shifts, full.shifts, rtol=0, atol=1e-9)
@@ -290,8 +303,24 @@ def test_cli_run_mfn_writes_outputs(tiny_set, tmp_path):
             "--mfn-warm-start=5",
             "--perturb-deg=5",
             "--perturb-shift=1",
+            "--mfn-search-radius-deg=12",
+            "--mfn-search-step-deg=4",
+            "--mfn-search-refine-steps=1.5",
+            "--mfn-search-levels=1",
+            "--mfn-max-shift=2.5",
+            "--mfn-search-estimate=best",
         ]
     )
+    config = config_from_args(args, 4.0)
+    assert (config.pose_search, config.search_radius_deg, config.search_step_deg) == (
+        "local",
+        12.0,
+        4.0,
+    )
+    assert (config.search_refine_steps, config.search_levels) == (1.5, 1)
+    assert (config.search_max_shift, config.search_estimate) == (2.5, "best")
+    adam = config_from_args(parser.parse_args(["--mfn-pose-search=adam"]), 4.0)
+    assert adam.pose_search == "adam" and adam.search_max_shift is None
     source = ParticleSource.from_star(star)
     summary = run_mfn(args, source, tmp_path)
     for name in ("map.mrc", "stage1.mrc", "stage2.mrc", "initial.mrc", "loss.png", "mfn.json"):
@@ -330,3 +359,166 @@ def test_cli_reconstruct_method_mfn_end_to_end(tiny_set, tmp_path, capsys):
     # resuming a finished run in the same folder without --resume is refused clearly
     assert cli(argv) == 2
     assert "resume" in capsys.readouterr().err.lower()
+
+
+# ----------------------------------------------------------------------------- pose search
+
+
+def test_rotation_log_and_search_lattice(gen):
+    v = torch.randn(200, 3, generator=gen, dtype=torch.float64)
+    v = v / v.norm(dim=-1, keepdim=True) * torch.rand(200, 1, generator=gen, dtype=torch.float64)
+    v = v * 3.1  # angles up to 3.1 rad
+    torch.testing.assert_close(rotation_log(axis_angle_to_matrix(v)), v)
+    assert float(rotation_log(torch.eye(3, dtype=torch.float64)).abs().max()) == 0.0
+    offsets = search_offsets(math.radians(30), math.radians(7.5))
+    assert torch.equal(offsets[0], torch.zeros(3, dtype=torch.float64))
+    assert float(offsets.norm(dim=-1).max()) <= math.radians(30) + 1e-12
+    # the cubic lattice of spacing 7.5° inside a 30° ball: 257 points (|n| <= 4, n in Z³)
+    assert offsets.shape == (257, 3)
+    steps = offsets / math.radians(7.5)
+    torch.testing.assert_close(steps, steps.round())
+    assert search_offsets(0.0, 0.1).shape == (1, 3)
+
+
+def noiseless_toy(n: int = 32, box: int = 24, px: float = 4.0):
+    vol = blob_map(box)
+    rotations, shifts, ctf = particle_params(n, box, px, shift=4.0)
+    images = ParticleRenderer(Volume(vol, px), pad=2.0).render(rotations.float(), shifts, ctf)
+    return vol, px, images, rotations, torch.as_tensor(shifts), ctf
+
+
+@pytest.mark.parametrize("kernel", ["linear", "cubic"])
+def test_local_search_recovers_large_perturbation(kernel):
+    # noiseless 24 px toy with CTF, the true map fixed: 18° / 2 Å (half a pixel) errors
+    # are found by the search alone to about its finest spacing (6° -> 2° -> 0.67°): no
+    # image is left outside the first lattice's cell, shifts within a fraction of a pixel
+    vol, px, images, rotations, shifts, ctf = noiseless_toy()
+    start_r, start_s = perturb_poses(rotations, shifts, 18.0, 2.0, seed=3)
+    config = MFNFitConfig(
+        pose_steps=0,
+        search_radius_deg=25.0,
+        search_step_deg=6.0,
+        search_levels=3,
+        search_estimate="best",
+        kernel=kernel,
+    )
+    r, s = refine_poses(vol, px, images, start_r, start_s, ctf, band=1.0, config=config)
+    angles = torch.rad2deg(rotation_angle(r, rotations))
+    moved = (s - shifts).norm(dim=-1)
+    assert float(angles.mean()) < 1.5 and float(angles.max()) < 6.0, angles
+    assert float(moved.mean()) < 0.1 * px and float(moved.max()) < 0.25 * px, moved
+    # a few Adam steps after the search polish further; Adam steps alone stay far off
+    both = replace(config, pose_steps=5)
+    r_both, _ = refine_poses(vol, px, images, start_r, start_s, ctf, band=1.0, config=both)
+    assert float(torch.rad2deg(rotation_angle(r_both, rotations)).mean()) < 0.8
+    adam = replace(config, pose_search="adam", pose_steps=10)
+    r_adam, _ = refine_poses(vol, px, images, start_r, start_s, ctf, band=1.0, config=adam)
+    assert float(torch.rad2deg(rotation_angle(r_adam, rotations)).mean()) > 5.0
+
+
+def test_local_search_never_increases_the_loss():
+    # noisy images, a wrong map scale and random far-off starts: every image's loss under
+    # the fit's forward model is at most what it was, and most images improve
+    vol, px, images, rotations, shifts, ctf = noiseless_toy(n=48)
+    g = torch.Generator().manual_seed(7)
+    noisy = images + images.std() * 2 * torch.randn(images.shape, generator=g)
+    start_r, start_s = perturb_poses(rotations, shifts, 25.0, 3.0, seed=5)
+    config = MFNFitConfig(pose_steps=0, search_radius_deg=20.0, search_step_deg=8.0)
+    band = 0.6
+    r, s = refine_poses(0.7 * vol, px, noisy, start_r, start_s, ctf, band=band, config=config)
+    grid = working_grid(24, px, band * 12, band * 12)
+    dp = padded_size(grid.box, 2.0)
+    projector = Projector(fourier_crop(0.7 * vol, grid.box), 2.0, "linear")
+    data = data_spectra(noisy, grid)
+    ctf_padded = compute_ctf(ctf, (dp, dp), grid.pixel_size)
+
+    def loss(rot, sh):
+        model = model_spectra(projector, rot.float(), sh.float(), ctf_padded, grid)
+        return ((model - data).abs() ** 2).sum(-1)
+
+    before, after = loss(start_r, start_s), loss(r, s)
+    assert bool((after <= before).all())
+    assert float((after < before).float().mean()) > 0.5
+    assert float(torch.rad2deg(rotation_angle(r, rotations)).mean()) < 20.0
+
+
+@pytest.mark.parametrize("box", [16, 17])
+def test_shift_search_matches_brute_force(box):
+    # the losses at all shifts of a rotation, from one spectrum and phase ramps, equal the
+    # loss evaluated spectrum by spectrum at each shift; without a CTF they match the fit's
+    # forward model (model_spectra) up to its crop, and the best shift is the same
+    px = 3.0
+    vol = blob_map(box)
+    rotations, shifts, ctf = particle_params(4, box, px, shift=3.0)
+    images = ParticleRenderer(Volume(vol, px), pad=2.0).render(rotations.float(), shifts, None)
+    grid = working_grid(box, px, 0.8 * box / 2, 0.8 * box / 2)
+    projector = Projector(fourier_crop(vol, grid.box), 2.0, "linear")
+    model = BandSearchModel(projector, grid, None)
+    data = model.half(data_spectra(images, grid))
+    start = torch.as_tensor(shifts).float() + torch.tensor([1.0, -2.0])  # truth: t = (-1, 2)
+    axis = torch.linspace(-3.0, 3.0, 7, dtype=torch.float64)
+    offsets = torch.cartesian_prod(axis, axis)  # (49, 2) Å
+    rot = rotations.double()[None]
+    fast = model.losses(model.spectra(rot, start), data, model.ramps(offsets))[0]  # (B, S)
+    for j in (0, 10, 24, 48):
+        moved = start + offsets[j].float()
+        spec = model.spectra(rot, moved)[0]
+        direct = (model.weight * ((spec - data).abs() ** 2 - data.abs() ** 2)).sum(-1)
+        torch.testing.assert_close(
+            fast[:, j], direct, rtol=1e-4, atol=1e-3 * float(direct.abs().max())
+        )
+    full = data_spectra(images, grid)
+    exact = torch.stack(
+        [
+            (
+                (
+                    model_spectra(projector, rotations.float(), start + t.float(), None, grid)
+                    - full
+                ).abs()
+                ** 2
+            ).sum(-1)
+            for t in offsets
+        ],
+        -1,
+    ) - (full.abs() ** 2).sum(-1, keepdim=True)
+    truth = int(((offsets - torch.tensor([-1.0, 2.0], dtype=torch.float64)).norm(dim=-1)).argmin())
+    assert fast.argmin(-1).tolist() == exact.argmin(-1).tolist() == [truth] * 4
+    corr = torch.corrcoef(torch.stack([fast.flatten(), exact.flatten()]))[0, 1]
+    assert float(corr) > 0.99
+
+
+def test_search_config_validation_and_schedule():
+    for bad in (
+        {"pose_search": "grid"},
+        {"search_radius_deg": -1.0},
+        {"search_step_deg": 0.0},
+        {"search_radius_deg": 90.0, "search_step_deg": 2.0},
+        {"search_levels": 0},
+        {"search_max_shift": -1.0},
+        {"search_estimate": "median"},
+        {"search_refine_steps": 10.0},
+    ):
+        with pytest.raises(InputError):
+            MFNFitConfig(**bad).validate()
+    config = MFNFitConfig(
+        search_radius_deg=40.0, search_step_deg=10.0, search_max_shift=2.5, search_levels=3
+    )
+    restored = MFNFitConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert restored == replace(config, stages=config.resolved_stages())
+    # the default schedule: coarse outputs refine shifts only, the finest output searches
+    stages = MFNFitConfig(num_layers=3).resolved_stages()
+    assert [s.poses for s in stages] == ["shifts", "shifts", "all", "all"]
+    # search radius / step per stage: the config's at the first searching stage, then the
+    # step scaled by the band ratio and the radius search_refine_steps steps
+    grid = working_grid(64, 1.5, 9.6, 19.2)
+    first = search_grid(config, grid)
+    assert first.radius == pytest.approx(math.radians(40.0))
+    assert first.step == pytest.approx(math.radians(10.0))
+    assert first.max_shift == 2.5 and first.levels == 3
+    assert first.shift_step == pytest.approx(64 * 1.5 / (4 * 9.6))
+    later = search_grid(config, working_grid(64, 1.5, 19.2, 19.2), scale=0.5, refine=True)
+    assert later.step == pytest.approx(math.radians(5.0))
+    assert later.radius == pytest.approx(2 * math.radians(5.0))
+    default_shift = search_grid(MFNFitConfig(), grid).max_shift
+    assert default_shift == pytest.approx(3 * 1.5)
+    assert search_grid(MFNFitConfig(refine_shifts=False), grid).max_shift == 0.0

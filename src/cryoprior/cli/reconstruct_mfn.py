@@ -2,10 +2,15 @@
 
 Fits a band-limited multiplicative filter network (residual MFN or BACON) to the particles
 in coarse-to-fine stages, refining every particle's rotation and in-plane shift, starting
-from the STAR file's poses (optionally perturbed, for experiments). Writes map.mrc (final),
-stage{j}.mrc (the map after each stage), initial.mrc (the Wiener back-projection from the
-initial poses), particles_refined.star (refined poses), loss.png and mfn.json. The run
-checkpoints into the output folder; ``--resume`` continues a killed run.
+from the STAR file's poses (optionally perturbed, for experiments). Poses are refined by a
+local exhaustive search around the current pose (``--mfn-pose-search local``, the default:
+rotations within ``--mfn-search-radius-deg`` on a lattice of ``--mfn-search-step-deg``,
+shifts within ``--mfn-max-shift`` Å, refined on finer lattices), then Adam steps.
+
+Writes map.mrc (final), stage{j}.mrc (the map after each stage), initial.mrc (the Wiener
+back-projection from the initial poses), particles_refined.star (refined poses), loss.png
+and mfn.json. The run checkpoints into the output folder; ``--resume`` continues a killed
+run.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from cryoprior.physics.source import ParticleSource
 from cryoprior.solvers.mfn_fit import (
     INITS,
     NETWORKS,
+    POSE_SEARCHES,
+    SEARCH_ESTIMATES,
     MFNFitConfig,
     MFNFitResult,
     fit_mfn,
@@ -68,9 +75,9 @@ def add_mfn_args(p: argparse.ArgumentParser) -> None:
         "--mfn-stages",
         default=None,
         help="schedule BAND:EPOCHS:OUTPUTS[:POSES],...; BAND a fraction of Nyquist, NN A "
-        "(resolution in Å) or auto (the band of output OUTPUTS); POSES all, shifts or "
-        "fixed. Default: auto:1:k for the coarser outputs, then MAX/2:1:L and MAX:2:L with "
-        "MAX = --mfn-max-band",
+        "(resolution in Å) or auto (the band of output OUTPUTS); POSES all (as "
+        "--mfn-pose-search says), search, adam, shifts or fixed. Default: auto:1:k:shifts "
+        "for the coarser outputs, then MAX/2:2:L and MAX:2:L with MAX = --mfn-max-band",
     )
     g.add_argument(
         "--mfn-batch-size", type=int, default=DEFAULTS.batch_size, help="images per step"
@@ -99,6 +106,54 @@ def add_mfn_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--mfn-fixed-shifts", action="store_true", help="refine rotations only, not shifts"
+    )
+    g.add_argument(
+        "--mfn-pose-search",
+        choices=POSE_SEARCHES,
+        default=DEFAULTS.pose_search,
+        help="local: exhaustive local search around each pose on every batch, then the Adam "
+        "steps (default); adam: Adam steps only",
+    )
+    g.add_argument(
+        "--mfn-search-radius-deg",
+        type=float,
+        default=DEFAULTS.search_radius_deg,
+        help="rotation search radius in degrees at the first searching stage (cover the "
+        f"expected pose error; default {DEFAULTS.search_radius_deg:g})",
+    )
+    g.add_argument(
+        "--mfn-search-step-deg",
+        type=float,
+        default=DEFAULTS.search_step_deg,
+        help="rotation lattice spacing in degrees at the first searching stage, scaled by "
+        f"the band ratio at later stages (default {DEFAULTS.search_step_deg:g})",
+    )
+    g.add_argument(
+        "--mfn-search-refine-steps",
+        type=float,
+        default=DEFAULTS.search_refine_steps,
+        help="search radius at later searching stages, in lattice steps "
+        f"(default {DEFAULTS.search_refine_steps:g})",
+    )
+    g.add_argument(
+        "--mfn-search-levels",
+        type=int,
+        default=DEFAULTS.search_levels,
+        help="lattice levels, each a third of the previous spacing "
+        f"(default {DEFAULTS.search_levels})",
+    )
+    g.add_argument(
+        "--mfn-max-shift",
+        type=float,
+        default=DEFAULTS.search_max_shift,
+        help="largest shift move per search in Å (default: 3 pixels; 0: rotations only)",
+    )
+    g.add_argument(
+        "--mfn-search-estimate",
+        choices=SEARCH_ESTIMATES,
+        default=DEFAULTS.search_estimate,
+        help="mean: posterior mean pose over the candidates (default; robust at low SNR); "
+        "best: the lowest-misfit candidate",
     )
     g.add_argument(
         "--mfn-pose-accept",
@@ -155,6 +210,13 @@ def config_from_args(args: argparse.Namespace, pixel_size: float) -> MFNFitConfi
         pose_lr_angstrom=args.mfn_shift_lr,
         refine_shifts=not args.mfn_fixed_shifts,
         pose_accept=args.mfn_pose_accept,
+        pose_search=args.mfn_pose_search,
+        search_radius_deg=args.mfn_search_radius_deg,
+        search_step_deg=args.mfn_search_step_deg,
+        search_refine_steps=args.mfn_search_refine_steps,
+        search_levels=args.mfn_search_levels,
+        search_max_shift=args.mfn_max_shift,
+        search_estimate=args.mfn_search_estimate,
         warm_start_steps=args.mfn_warm_start,
         pad=getattr(args, "pad", DEFAULTS.pad),
         kernel=args.mfn_kernel,
