@@ -333,7 +333,9 @@ def plot_stages(rows: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
-def write_results(result: dict, args: argparse.Namespace, out: Path, seconds: float) -> None:
+def write_results(
+    result: dict, args: argparse.Namespace, out: Path, seconds: float, command: str | None = None
+) -> None:
     rows = result["rows"]
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -355,7 +357,7 @@ def write_results(result: dict, args: argparse.Namespace, out: Path, seconds: fl
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "time": time.strftime("%Y-%m-%d %H:%M"),
         "wall_time_s": round(seconds, 1),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "fsc": "vs ground truth, soft spherical mask r = 0.4 box, first crossing",
         "pose_error": "geodesic angle / shift distance after removing the best global rigid motion",
     }
@@ -433,6 +435,49 @@ error 5× below 20° needs an almost perfect map.
 """
 
 
+def merge(parts: list[str], out: Path) -> int:
+    """Write one table from the mfn.json of runs that differ only in their proteins."""
+    loaded = []
+    for part in parts:
+        path = Path(part) / "mfn.json"
+        if not path.is_file():
+            raise SystemExit(f"--merge: {path} does not exist; give directories of finished runs")
+        loaded.append(json.loads(path.read_text()))
+    meta = loaded[0]["meta"]
+    for other in loaded[1:]:
+        for key in ("box", "pixel_size", "n_particles", "stages", "fit_config", "perturb_deg"):
+            if other["meta"][key] != meta[key]:
+                raise SystemExit(f"--merge: the runs differ in {key}; merge only like runs")
+    fit = meta["fit_config"]
+    args = argparse.Namespace(
+        box=meta["box"],
+        pixel_size=meta["pixel_size"],
+        n_particles=meta["n_particles"],
+        proteins=[p for part in loaded for p in part["meta"]["proteins"]],
+        perturb=meta["perturb_deg"],
+        perturb_shift=meta["perturb_shift_angstrom"],
+        stages=meta["stages"],
+        networks=sorted({n for part in loaded for n in part["meta"]["networks"]}),
+        threads=meta["threads"],
+        hidden=fit["hidden_features"],
+        max_band=fit["max_band"],
+        pose_search=fit["pose_search"],
+        search_radius=fit["search_radius_deg"],
+        search_step=fit["search_step_deg"],
+        search_levels=fit["search_levels"],
+        search_estimate=fit["search_estimate"],
+        search_refine_steps=fit["search_refine_steps"],
+        pose_steps=fit["pose_steps"],
+    )
+    rows = [row for part in loaded for row in part["rows"]]
+    commands = "; ".join(part["meta"]["command"] for part in loaded)
+    command = f"{commands}; then mfn.py --merge {' '.join(parts)}"
+    seconds = sum(part["meta"]["wall_time_s"] for part in loaded)
+    write_results({"rows": rows, "config": fit}, args, out, seconds, command=command)
+    print(f"wrote {out / 'mfn.md'} from {len(parts)} runs")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (32², few particles)")
@@ -476,7 +521,17 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="default benchmarks/results (quick: required)")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="combine the mfn.json of partial runs (e.g. one protein each, run side by side) "
+        "into one table in --out; nothing is recomputed",
+    )
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, Path(args.out) if args.out else RESULTS)
     quick = args.quick
     args.n_particles = args.n_particles or (1000 if quick else 10000)
     args.box = args.box or (32 if quick else 64)
