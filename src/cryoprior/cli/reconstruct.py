@@ -13,10 +13,20 @@ to the prior's, anything else is refused. The intensity scale comes from the ima
 terms and the molecule's mass (--mass-kda or --sequence), or is given (--intensity-scale).
 Writes map.mrc (posterior mean, at the prior's pixel size), std.mrc (per-voxel spread
 over --samples samples), sample_NNN.mrc with --write-samples, and reconstruct.json.
+Guidance pigdm (default), dps_x0, pigdm_dc or dps; 30 DDIM steps by default.
+
+With --prior PRIOR a point-cloud (Cα) diffusion prior (e.g. calpha_prior): the Cα cloud of
+a segment of N residues (--n-residues, or --sequence), each residue a Gaussian blob of
+--blob-sigma Å, by posterior sampling at the known poses, CTFs and shifts (guidance
+dps_x0, the default, or dps; 50 DDPM steps by default; at most the first --max-images
+particles). Writes model.pdb (CA atoms of the matched posterior mean, in Å with 0 at the
+box centre: the frame of the maps written here), samples.pdb (one MODEL per sample) and
+reconstruct.json (with the per-residue spread over the samples).
 
   cryoprior reconstruct particles.star -o rec
-  cryoprior reconstruct particles.star --prior src/cryoprior/assets/priors/volume_32 \
+  cryoprior reconstruct particles.star --prior src/cryoprior/assets/priors/volume_32 \\
       --mass-kda 12 --samples 4 -o rec_prior
+  cryoprior reconstruct particles.star --prior calpha_prior --n-residues 58 -o rec_ca
 """
 
 from __future__ import annotations
@@ -24,6 +34,12 @@ from __future__ import annotations
 import argparse
 
 from cryoprior.cli._common import add_common_args, output_dir, run_record, write_json
+from cryoprior.cli.reconstruct_calpha import (
+    DEFAULT_CALPHA_STEPS,
+    add_calpha_args,
+    read_sequence,
+    run_calpha,
+)
 from cryoprior.cli.reconstruct_mfn import add_mfn_args, run_mfn
 from cryoprior.core.containers import Volume
 from cryoprior.core.runtime import set_threads
@@ -32,6 +48,10 @@ from cryoprior.metrics.fsc import plot_fsc
 from cryoprior.physics.source import ParticleSource
 from cryoprior.solvers.backprojection import reconstruct_source
 from cryoprior.solvers.dps import GUIDANCES
+
+#: defaults of --steps and --guidance with a density-map prior
+VOLUME_STEPS = 30
+VOLUME_GUIDANCE = "pigdm"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -53,19 +73,32 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pad", type=float, default=2.0, help="Fourier oversampling (default 2)")
     p.add_argument("--batch-size", type=int, default=512, help="images read per batch")
     g = p.add_argument_group("prior-guided reconstruction (--prior)")
-    g.add_argument("--prior", help="density-map prior folder (prior.json + weights)")
+    g.add_argument(
+        "--prior",
+        help="prior folder (prior.json + weights) or shipped name: a density-map prior "
+        "(writes map.mrc) or a point-cloud Cα prior (writes model.pdb; needs --n-residues "
+        "or --sequence)",
+    )
     g.add_argument("--mass-kda", type=float, help="molecular mass of the particle (kDa)")
     g.add_argument("--sequence", help="protein sequence (one-letter) or a FASTA file")
     g.add_argument(
         "--intensity-scale", type=float, help="measurement units per prior unit (skips estimate)"
     )
     g.add_argument("--samples", type=int, default=1, help="posterior samples (default 1)")
-    g.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30)")
     g.add_argument(
-        "--guidance", choices=GUIDANCES, default="pigdm", help="DPS rule (default pigdm)"
+        "--steps",
+        type=int,
+        help=f"reverse steps (default {VOLUME_STEPS} DDIM for a density-map prior, "
+        f"{DEFAULT_CALPHA_STEPS} DDPM for a Cα prior)",
+    )
+    g.add_argument(
+        "--guidance",
+        choices=GUIDANCES,
+        help=f"DPS rule (default {VOLUME_GUIDANCE}; a Cα prior takes dps_x0 (default) or dps)",
     )
     g.add_argument("--eta", type=float, default=0.5, help="DDIM eta (default 0.5)")
     g.add_argument("--write-samples", action="store_true", help="write every sample's map")
+    add_calpha_args(g)
     p.add_argument("-o", "--out", default="reconstruction", help="output folder")
     add_mfn_args(p)
     add_common_args(p)
@@ -122,19 +155,14 @@ def main(args: argparse.Namespace) -> int:
 
 def _sequence_mass(text: str) -> float:
     """Mass (kDa) of a sequence given inline or as a FASTA file."""
-    from pathlib import Path
-
     from cryoprior.physics.composition import protein_mass_kda
 
-    path = Path(text)
-    if path.is_file():
-        lines = path.read_text().splitlines()
-        text = "".join(line.strip() for line in lines if not line.startswith(">"))
-    return protein_mass_kda(text)
+    return protein_mass_kda(read_sequence(text))
 
 
 def _main_prior(args: argparse.Namespace, source: ParticleSource) -> int:
-    """Posterior sampling with a density-map prior; writes mean, spread and a record."""
+    """Posterior sampling with a density-map prior (writes mean, spread and a record), or
+    with a point-cloud prior (:func:`~cryoprior.cli.reconstruct_calpha.run_calpha`)."""
     from cryoprior.core.errors import require
     from cryoprior.priors import load_prior
     from cryoprior.solvers.prior_reconstruction import (
@@ -143,8 +171,14 @@ def _main_prior(args: argparse.Namespace, source: ParticleSource) -> int:
     )
 
     require(args.samples >= 1, f"--samples must be >= 1, got {args.samples}")
-    require(args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
+    require(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     prior = load_prior(args.prior)
+    if prior.representation == "points":
+        return run_calpha(args, source, prior)
+    if args.steps is None:
+        args.steps = VOLUME_STEPS
+    if args.guidance is None:
+        args.guidance = VOLUME_GUIDANCE
     check_volume_prior(prior)
     mass = args.mass_kda
     if args.sequence is not None:

@@ -41,6 +41,8 @@ THREE_TO_ONE = {
 }
 # Selenomethionine (crystal structures) is read as methionine in traces and sequences.
 _TRACE_RESIDUES = {**THREE_TO_ONE, "MSE": "M"}
+#: residue names written as ATOM records (the standard amino acids and UNK, unknown residue)
+_POLYMER_RESIDUES = {*THREE_TO_ONE, "UNK"}
 # PDB coordinate fields are 8.3f: values must fit in 8 characters.
 _PDB_MIN, _PDB_MAX = -999.999, 9999.999
 
@@ -239,7 +241,7 @@ def write_pdb(
     if not 1 <= len(chain) <= 2:
         raise InputError(f"chain id must be 1 or 2 characters, got {chain!r}")
     res_names = _per_atom(residue_names, n, "ALA", "residue_names")
-    one_residue = isinstance(residue_names, str) and residue_names not in THREE_TO_ONE
+    one_residue = isinstance(residue_names, str) and residue_names not in _POLYMER_RESIDUES
     if residue_numbers is None:
         numbers = np.ones(n, dtype=np.int64) if one_residue else np.arange(1, n + 1)
     else:
@@ -275,7 +277,7 @@ def write_pdb(
             residue = gemmi.Residue()
             residue.name = res_names[i]
             residue.seqid = gemmi.SeqId(int(numbers[i]), " ")
-            residue.het_flag = "A" if res_names[i] in THREE_TO_ONE else "H"
+            residue.het_flag = "A" if res_names[i] in _POLYMER_RESIDUES else "H"
         atom = gemmi.Atom()
         atom.name = names[i]
         atom.element = _element(symbols[i])
