@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> dict:
                     guidance=args.guidance,
                     n_steps=args.steps,
                     n_inner=args.n_inner,
+                    n_samples=args.samples,
                     data=data,
                     seed=0,
                 )
@@ -173,6 +174,7 @@ def run(args: argparse.Namespace) -> dict:
         "pixel_size": px,
         "guidance": args.guidance,
         "steps": args.steps,
+        "samples": args.samples,
         "proteins": [r.name for r in proteins],
         "threads": args.threads,
         "machine": platform.platform(),
@@ -190,7 +192,13 @@ def summarise(result: dict) -> str:
         f"simulated at the prior's grid ({result['box']}² at {result['pixel_size']:g} Å/px, "
         f"Nyquist {2 * result['pixel_size']:g} Å) with CTF; FSC 0.143 vs ground truth in Å "
         f"(96 = never above 0.143), masked CC. Prior: `{result['prior']}`, guidance "
-        f"`{result['guidance']}`, {result['steps']} DDIM steps, one sample. Command: "
+        f"`{result['guidance']}`, {result['steps']} DDIM steps, "
+        + (
+            "one sample"
+            if result.get("samples", 1) == 1
+            else f"posterior mean of {result['samples']} samples"
+        )
+        + ". Command: "
         f"`{result['command']}`.",
         "",
         "Mean over proteins (± std):",
@@ -289,6 +297,10 @@ def main() -> None:
     ap.add_argument("--guidance", default="pigdm")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--n-inner", type=int, default=10)
+    ap.add_argument("--samples", type=int, default=1, help="posterior samples averaged")
+    ap.add_argument(
+        "--name", default="reconstruction", help="stem of the output files (default reconstruction)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="1 protein, K 3 10, SNR 0.1, 5 steps")
     ap.add_argument("--out", default=str(RESULTS))
@@ -298,9 +310,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = run(args)
-    (out / "reconstruction.json").write_text(json.dumps(result, indent=1))
-    (out / "reconstruction.md").write_text(summarise(result))
-    plot(result, out / "reconstruction_vs_k.png")
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{args.name}.md").write_text(summarise(result))
+    plot(result, out / f"{args.name}_vs_k.png")
     print(summarise(result))
 
 
