@@ -11,6 +11,7 @@ import gemmi
 import numpy as np
 import pytest
 import torch
+from test_calpha_fit import one_thread, spread_cloud  # noqa: F401 (autouse fixture)
 
 from cryoprior.cli.main import main as cli_main
 from cryoprior.cli.reconstruct_calpha import measurement_from_source
@@ -30,25 +31,9 @@ BOX, PX, N_RES, K, MAX_NODES = 24, 1.5, 10, 3, 12
 SEQUENCE = "MKTAYIAKQR"  # 10 residues
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small problems: one thread on a busy machine; restore after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def cloud(n: int, seed: int, min_dist: float = 4.5, radius: float = 8.0) -> torch.Tensor:
-    """n points (Å) in a ball, pairwise at least ``min_dist`` apart, zero centre of mass."""
-    g = torch.Generator().manual_seed(seed)
-    pts: list[torch.Tensor] = []
-    while len(pts) < n:
-        p = (2 * torch.rand(3, generator=g, dtype=F64) - 1) * radius
-        if p.norm() <= radius and all((p - q).norm() >= min_dist for q in pts):
-            pts.append(p)
-    x = torch.stack(pts)
-    return x - x.mean(0)
+def cloud(n: int, seed: int) -> torch.Tensor:
+    """n points (Å) in a ball of 8 Å, pairwise at least 4.5 Å apart, zero centre of mass."""
+    return spread_cloud(n, seed, min_dist=4.5, radius=8.0)
 
 
 def ctf_params(k: int) -> CTFParams:
