@@ -260,3 +260,22 @@ def test_shipped_priors_resolve_by_name_and_unknown_names_fail_clearly(tmp_path)
     assert resolve_prior(tmp_path / "volume_32") == tmp_path / "volume_32"
     with pytest.raises(InputError, match="shipped prior.*volume_32"):
         resolve_prior("no_such_prior")
+
+
+@pytest.mark.parametrize(
+    "name", ["volume_32", "calpha_prior", "heat_sr_calpha", "heat_sr_molecules"]
+)
+def test_shipped_prior_loads_and_its_split_is_disjoint(name):
+    """Every shipped structure prior loads, records its command, and its training items
+    (proteins or molecules) never appear in its validation or test split; the demo protein
+    is held out."""
+    from cryoprior.priors import load_prior, read_prior_metadata
+
+    meta = read_prior_metadata(name)
+    assert meta.command.startswith("cryoprior train configs/")
+    split = meta.data["split"]
+    train = set(split["train"])
+    assert train and not train & set(split["validation"])
+    assert not train & set(split["test"])
+    assert "1fki_A" not in train
+    assert load_prior(name).metadata.command == meta.command
