@@ -45,6 +45,9 @@ RESULTS = HERE / "results"
 ROOT = HERE.parent
 
 
+DEFAULT_SNR = (1.0, 0.1, 0.01)
+
+
 def held_out_proteins(corpus: Path, n: int, box: int, px: float) -> list:
     """The first ``n`` test-split chains whose atoms fit inside the box (1 px margin)."""
     from cryoprior.data.corpus import load_corpus
@@ -109,8 +112,14 @@ def run(args: argparse.Namespace) -> dict:
         truth = truth_map(rec, box, px)
         mass = protein_mass_kda(rec.sequence)
         for s_i, snr in enumerate(args.snr):
+            # seed by the SNR's place in the default list, so that a run over a subset of
+            # SNRs / K sees exactly the particles of the full run
+            s_i = DEFAULT_SNR.index(snr) if snr in DEFAULT_SNR else 100 + s_i
             config = SimulationConfig(
-                n_particles=max(args.k), snr=snr, seed=1000 * p_i + s_i, chunk_size=500
+                n_particles=max(*args.k, args.acquisition),
+                snr=snr,
+                seed=1000 * p_i + s_i,
+                chunk_size=500,
             )
             sim = simulate_particles(
                 Volume(truth, px), config, work / f"{rec.name}_{snr}", show_progress=False
@@ -293,7 +302,14 @@ def main() -> None:
     ap.add_argument("--corpus", default=str(ROOT / "corpus"))
     ap.add_argument("--n-proteins", type=int, default=5)
     ap.add_argument("--k", type=int, nargs="+", default=[3, 10, 100, 1000])
-    ap.add_argument("--snr", type=float, nargs="+", default=[1.0, 0.1, 0.01])
+    ap.add_argument("--snr", type=float, nargs="+", default=list(DEFAULT_SNR))
+    ap.add_argument(
+        "--acquisition",
+        type=int,
+        default=1000,
+        help="particles simulated per protein and SNR (the first K are reconstructed; all "
+        "of them give the intensity scale, as a real data set's many particles would)",
+    )
     ap.add_argument("--guidance", default="pigdm")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--n-inner", type=int, default=10)
