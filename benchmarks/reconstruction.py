@@ -244,10 +244,14 @@ def summarise(result: dict) -> str:
         "Goal: prior ≥ 1.5× finer than Wiener at K ≤ 100 and SNR ≤ 0.1 (mean ratio per "
         "case): "
         + ", ".join(f"K={s['k']}/SNR={s['snr']:g}: {s['ratio']:.2f}" for s in goal_low)
-        + "; never worse than Wiener at K = 1000: "
-        + ", ".join(
-            f"SNR={s['snr']:g}: prior {s['prior']:.2f} vs Wiener {s['wiener']:.2f} Å"
-            for s in goal_high
+        + (
+            "; never worse than Wiener at K = 1000: "
+            + ", ".join(
+                f"SNR={s['snr']:g}: prior {s['prior']:.2f} vs Wiener {s['wiener']:.2f} Å"
+                for s in goal_high
+            )
+            if goal_high
+            else ""
         )
         + ".",
         "",
