@@ -11,19 +11,17 @@ import gemmi
 import numpy as np
 import pytest
 import torch
-from test_calpha_fit import one_thread, spread_cloud  # noqa: F401 (autouse fixture)
+from test_calpha_fit import one_thread, spread_cloud, tiny_prior  # noqa: F401 (autouse fixture)
 
 from cryoprior.cli.main import main as cli_main
 from cryoprior.cli.reconstruct_calpha import measurement_from_source
 from cryoprior.core.containers import ImageStack
-from cryoprior.diffusion import CosineSchedule, Denoiser
 from cryoprior.geometry.rotations import matrix_to_euler, random_rotations
 from cryoprior.io.mrc import write_stack
 from cryoprior.io.star import Particles, write_particles
-from cryoprior.networks import EGNN
 from cryoprior.physics.ctf import CTFParams, compute_ctf
 from cryoprior.physics.source import ParticleSource
-from cryoprior.priors import PriorMetadata, save_prior
+from cryoprior.priors import save_prior
 from cryoprior.solvers.calpha_fit import CalphaMeasurement, simulate_calpha_images
 
 F64 = torch.float64
@@ -95,20 +93,9 @@ def simulated_stack(folder, snr: float | None, seed: int = 5):
 @pytest.fixture(scope="module")
 def tiny_prior_dir(tmp_path_factory) -> str:
     """An untrained EGNN diffusion prior over clouds of up to 12 points, saved to disk."""
-    torch.manual_seed(0)
-    net = EGNN(hidden_features=16, num_layers=2, checkpoint=False)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    den = Denoiser(net, CosineSchedule(), prediction="eps", representation="points")
-    meta = PriorMetadata(
-        representation="points",
-        shape=(MAX_NODES, 3),
-        normalisation={"scale": 5.0, "offset": 0.0},
-        data={"split": {"train": ["a"], "validation": ["b"], "test": ["c"]}},
-    )
-    return str(save_prior(tmp_path_factory.mktemp("prior") / "tiny_calpha", den, meta))
+    prior = tiny_prior(max_nodes=MAX_NODES)
+    path = tmp_path_factory.mktemp("prior") / "tiny_calpha"
+    return str(save_prior(path, prior.denoiser, prior.metadata))
 
 
 @pytest.fixture(scope="module")
