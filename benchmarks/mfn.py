@@ -71,10 +71,13 @@ def simulate(work: Path, protein: str, n: int, box: int, px: float, seed: int) -
         volume_from_file,
     )
 
-    records = {r.name: r for r in shipped_records()}
-    if protein not in records:
-        raise SystemExit(f"unknown protein {protein!r}; shipped: {sorted(records)}")
-    truth = volume_from_file(records[protein].path, box, px)
+    records = {r.name: r.path for r in shipped_records()}
+    path = records.get(protein, Path(protein))
+    if not path.is_file():
+        raise SystemExit(
+            f"unknown protein {protein!r}: give a structure file or one of {sorted(records)}"
+        )
+    truth = volume_from_file(path, box, px)
     write_map(work / "truth.mrc", truth)
     cfg = SimulationConfig(n_particles=n, snr=0.1, max_shift=3.0, seed=seed)
     res = simulate_particles(truth, cfg, work, show_progress=False)
@@ -193,11 +196,12 @@ def run(args: argparse.Namespace) -> dict:
         )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for protein in args.proteins:
+        for structure in args.proteins:
+            protein = Path(structure).name.split(".")[0]  # a shipped name or a file's stem
             work = Path(tmp) / protein
             work.mkdir()
             t0 = time.perf_counter()
-            sim = simulate(work, protein, args.n_particles, box, px, args.seed)
+            sim = simulate(work, structure, args.n_particles, box, px, args.seed)
             print(
                 f"{protein}: simulated {args.n_particles} particles in "
                 f"{time.perf_counter() - t0:.0f} s (SNR {sim['measured_snr']:.3f})",
@@ -242,6 +246,8 @@ def run(args: argparse.Namespace) -> dict:
                 for name, config in methods.items():
                     row = {"protein": protein, "perturb_deg": deg, "method": name}
                     row["pose_error_before"] = before
+                    if args.pose_prior == "theta" and deg > 0:
+                        config = replace(config, pose_prior_deg=deg)
                     row.update(fit_row(source, truth, config, start, true_poses, px))
                     rows.append(row)
                     print(json.dumps(brief(row)), flush=True)
@@ -351,6 +357,7 @@ def write_results(
         "snr": 0.1,
         "snr_definition": "variance of noiseless CTF images over the box / noise variance",
         "stages": args.stages,
+        "pose_prior": args.pose_prior,
         "networks": args.networks,
         "fit_config": result["config"],
         "threads": args.threads,
@@ -368,14 +375,22 @@ def write_results(
         f"# MFN reconstruction with pose refinement ({args.box}² px, {args.pixel_size} Å/px, "
         f"{args.n_particles} particles, SNR 0.1, CTF)",
         "",
-        f"{meta['machine']}, {args.threads} threads; {meta['time']}; total {seconds / 60:.1f} min. "
+        f"{meta['machine']}, {args.threads} threads; {meta['time']}; "
+        f"elapsed {seconds / 60:.1f} min. "
         f"Command: `{meta['command']}`.",
         f"Stages `{args.stages}` (BAND:EPOCHS:OUTPUTS[:POSES]), hidden width {args.hidden}, "
         f"2 layers, network band {args.max_band:g} × Nyquist. Pose refinement: "
         f"{args.pose_search} search (radius {args.search_radius:g}°, step "
         f"{args.search_step:g}°, {args.search_levels} levels, {args.search_estimate} "
         f"estimate; later stages {args.search_refine_steps:g} steps), then {args.pose_steps} "
-        f"Adam steps. FSC {meta['fsc']}. Pose errors: {meta['pose_error']}, mean (median).",
+        f"Adam steps. Pose prior: "
+        + (
+            "Gaussian on the rotation away from the starting pose, rms = θ₀ (RELION's "
+            "sigma_ang; --pose-prior theta)"
+            if args.pose_prior == "theta"
+            else "none (uniform in the search ball)"
+        )
+        + f". FSC {meta['fsc']}. Pose errors: {meta['pose_error']}, mean (median).",
         "",
         "| protein | θ₀ | method | FSC0.143 (Å) | FSC0.5 (Å) | pose error before | "
         "pose error after | time (s) |",
@@ -445,8 +460,9 @@ def merge(parts: list[str], out: Path) -> int:
         loaded.append(json.loads(path.read_text()))
     meta = loaded[0]["meta"]
     for other in loaded[1:]:
-        for key in ("box", "pixel_size", "n_particles", "stages", "fit_config", "perturb_deg"):
-            if other["meta"][key] != meta[key]:
+        keys = ("box", "pixel_size", "n_particles", "stages", "fit_config", "perturb_deg")
+        for key in (*keys, "pose_prior"):
+            if other["meta"].get(key) != meta.get(key):
                 raise SystemExit(f"--merge: the runs differ in {key}; merge only like runs")
     fit = meta["fit_config"]
     args = argparse.Namespace(
@@ -468,11 +484,13 @@ def merge(parts: list[str], out: Path) -> int:
         search_estimate=fit["search_estimate"],
         search_refine_steps=fit["search_refine_steps"],
         pose_steps=fit["pose_steps"],
+        pose_prior=meta.get("pose_prior", "none"),
     )
     rows = [row for part in loaded for row in part["rows"]]
     commands = "; ".join(part["meta"]["command"] for part in loaded)
     command = f"{commands}; then mfn.py --merge {' '.join(parts)}"
-    seconds = sum(part["meta"]["wall_time_s"] for part in loaded)
+    # the parts ran side by side: the elapsed time is the longest part's
+    seconds = max(part["meta"]["wall_time_s"] for part in loaded)
     write_results({"rows": rows, "config": fit}, args, out, seconds, command=command)
     print(f"wrote {out / 'mfn.md'} from {len(parts)} runs")
     return 0
@@ -484,7 +502,12 @@ def main() -> int:
     ap.add_argument("--n-particles", type=int, default=None, help="default 10000 (quick 1000)")
     ap.add_argument("--box", type=int, default=None, help="default 64 (quick 32)")
     ap.add_argument("--pixel-size", type=float, default=None, help="Å/px, default 1.5 (quick 3)")
-    ap.add_argument("--proteins", nargs="+", default=None, help="default 1fki_A 5pti_A")
+    ap.add_argument(
+        "--proteins",
+        nargs="+",
+        default=None,
+        help="shipped names or structure files (default 1fki_A 5pti_A)",
+    )
     ap.add_argument("--perturb", nargs="+", type=float, default=None, help="default 5 20 45")
     ap.add_argument("--perturb-shift", type=float, default=None, help="Å (default one pixel)")
     ap.add_argument("--stages", default=None, help=f"default {FULL_STAGES}")
@@ -518,6 +541,14 @@ def main() -> int:
     ap.add_argument("--search-levels", type=int, default=2)
     ap.add_argument("--search-estimate", choices=["mean", "best"], default="mean")
     ap.add_argument("--max-shift", type=float, default=None, help="Å (default 3 pixels)")
+    ap.add_argument(
+        "--pose-prior",
+        choices=["none", "theta"],
+        default="none",
+        help="theta: give the fit a Gaussian prior on the rotation away from the starting "
+        "pose whose rms is the perturbation angle (what a user states as RELION's "
+        "--sigma_ang); none: uniform in the search ball",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="default benchmarks/results (quick: required)")

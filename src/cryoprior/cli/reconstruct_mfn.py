@@ -156,6 +156,15 @@ def add_mfn_args(p: argparse.ArgumentParser) -> None:
         "best: the lowest-misfit candidate",
     )
     g.add_argument(
+        "--mfn-pose-prior",
+        type=float,
+        default=DEFAULTS.pose_prior_deg,
+        metavar="DEG",
+        help="expected rms rotation error of the STAR's poses in degrees (RELION's "
+        "--sigma_ang): a Gaussian prior on how far the search moves a particle from its "
+        "starting pose (default: none, uniform in the search ball)",
+    )
+    g.add_argument(
         "--mfn-pose-accept",
         type=float,
         default=DEFAULTS.pose_accept,
@@ -217,6 +226,7 @@ def config_from_args(args: argparse.Namespace, pixel_size: float) -> MFNFitConfi
         search_levels=args.mfn_search_levels,
         search_max_shift=args.mfn_max_shift,
         search_estimate=args.mfn_search_estimate,
+        pose_prior_deg=args.mfn_pose_prior,
         warm_start_steps=args.mfn_warm_start,
         pad=getattr(args, "pad", DEFAULTS.pad),
         kernel=args.mfn_kernel,

@@ -262,6 +262,12 @@ class MFNFitConfig:
     box length L), a third of it per further level. search_estimate: ``"mean"`` (the
     posterior mean pose over the candidates under white noise whose power is the image's
     misfit at its current pose) or ``"best"`` (the lowest-misfit candidate).
+    pose_prior_deg: the expected rms rotation error (degrees) of the starting poses (what
+    RELION's ``--sigma_ang`` states): the search then weighs each candidate by a Gaussian
+    prior on its rotation away from the starting pose, exp(−|log(R R₀ᵀ)|² / 2σ²) with σ =
+    pose_prior_deg / √3 per axis, and a particle moves only if its posterior (misfit
+    likelihood × prior) rises; None: a uniform prior (the search may move a particle
+    anywhere in its ball where the band's noise says so).
     warm_start_steps: regression steps onto the initial back-projection (0: none).
     pad, kernel: the projector's oversampling and Fourier interpolation.
     """
@@ -290,6 +296,7 @@ class MFNFitConfig:
     search_levels: int = 2
     search_max_shift: float | None = None
     search_estimate: str = "mean"
+    pose_prior_deg: float | None = None
     warm_start_steps: int = 200
     pad: float = 2.0
     kernel: str = "linear"
@@ -366,6 +373,12 @@ class MFNFitConfig:
             self.search_max_shift is None
             or (math.isfinite(self.search_max_shift) and self.search_max_shift >= 0),
             f"search max shift must be >= 0 Å (or None: 3 pixels), got {self.search_max_shift}",
+        )
+        require(
+            self.pose_prior_deg is None
+            or (math.isfinite(self.pose_prior_deg) and self.pose_prior_deg > 0),
+            f"pose prior (rms rotation error of the starting poses) must be > 0 degrees or "
+            f"None, got {self.pose_prior_deg}",
         )
         require(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
         check_kernel(self.kernel)
@@ -995,6 +1008,21 @@ class BandSearchModel:
 
 
 @dataclass
+class PosePrior:
+    """A Gaussian prior on each particle's rotation away from its starting pose R₀:
+    −log p(R) = |log(R R₀ᵀ)|² / 2σ² + const (σ radians per axis; RELION's sigma_ang)."""
+
+    start: torch.Tensor  # (B, 3, 3) the batch's starting rotations
+    sigma: float  # radians
+
+    def penalty(self, rotations: torch.Tensor) -> torch.Tensor:
+        """−log prior (up to a constant) of rotations (..., B, 3, 3): (..., B)."""
+        start = self.start.to(torch.float64)
+        dev = rotation_log(rotations.to(torch.float64) @ start.transpose(-1, -2))
+        return (dev**2).sum(-1) / (2 * self.sigma**2)
+
+
+@dataclass
 class _Scores:
     """What one search level found for each of B images: the best candidate (loss, rotation
     (B, 3, 3) float64, relative shift (B, 2) Å) and the posterior means of the rotation
@@ -1017,6 +1045,7 @@ def _score_candidates(
     offsets: torch.Tensor,
     max_shift: float,
     noise: torch.Tensor | None,
+    prior: PosePrior | None = None,
 ) -> _Scores:
     """Score rotations exp([δ_c]×) · centre_i (δ (C, 3) radians, centres (B, 3, 3)) at
     relative shifts ``offsets`` (S, 2) or (B, S, 2) Å with |offset| ≤ max_shift.
@@ -1025,8 +1054,11 @@ def _score_candidates(
     coefficient of the noise), the posterior means of δ and of the offset under a uniform
     prior on the candidates: weights exp(−(L − L_min) / 2σ²), the likelihood of white
     Gaussian noise (real images; L sums |Y − Ŷ|² over the whole band). Accumulated over
-    chunks of candidates (``_SEARCH_VALUES_PER_CHUNK``) with a running maximum.
+    chunks of candidates (``_SEARCH_VALUES_PER_CHUNK``) with a running maximum. With a
+    ``prior`` (needs ``noise``) the weights are multiplied by the prior of each candidate
+    rotation (:class:`PosePrior`) and the "best" candidate is the posterior mode.
     """
+    require(prior is None or noise is not None, "a pose prior needs the noise power")
     b, n = data.shape
     per_image = offsets.expand(b, *offsets.shape[-2:]).to(torch.float64)  # (B, S, 2)
     allowed = per_image.norm(dim=-1) <= max_shift * (1 + 1e-9) + 1e-12  # (B, S)
@@ -1049,6 +1081,9 @@ def _score_candidates(
         cand = axis_angle_to_matrix(delta)[:, None] @ centres[None]  # (c, B, 3, 3) float64
         loss = model.losses(model.spectra(cand, shifts), data, ramps)  # (c, B, S)
         loss = torch.where(allowed[None], loss, math.inf)
+        if prior is not None:  # in units of loss: 2σ² · (−log prior)
+            penalty = prior.penalty(cand) * (2 * noise.to(torch.float64))
+            loss = loss + penalty[..., None].to(loss.dtype)
         value, where = loss.permute(1, 0, 2).reshape(b, -1).min(-1)
         better = value < best.loss
         ci, si = where // allowed.shape[1], where % allowed.shape[1]
@@ -1080,6 +1115,8 @@ def local_search(
     shifts: torch.Tensor,
     search: SearchGrid,
     noise: torch.Tensor | None = None,
+    prior: PosePrior | None = None,
+    estimate: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exhaustive local search around each image's pose against a fixed map.
 
@@ -1104,6 +1141,10 @@ def local_search(
         rotations: (B, 3, 3) current rotations; shifts: (B, 2) current shifts (Å).
         search: the lattices (:class:`SearchGrid`).
         noise: (B,) noise power per Fourier coefficient, or None (best candidate).
+        prior: a Gaussian prior on the rotation away from the starting pose (needs
+            ``noise``); the posterior then weighs the candidates by it.
+        estimate: ``"mean"`` (posterior mean, when ``noise`` is given) or ``"best"``
+            (the lowest-loss candidate; with a prior the posterior mode).
 
     Returns:
         rotations (B, 3, 3) and shifts (B, 2) (Å), float64.
@@ -1129,8 +1170,10 @@ def local_search(
         if level > 0:
             deltas = _cube_offsets(search.step / 3**level, 3)
             offsets = t_hat[:, None, :] + square * (search.shift_step / 3**level)
-        found = _score_candidates(model, data, centre, deltas, s, offsets, search.max_shift, noise)
-        if found.mean_delta is None:
+        found = _score_candidates(
+            model, data, centre, deltas, s, offsets, search.max_shift, noise, prior
+        )
+        if found.mean_delta is None or estimate == "best":
             centre, t_hat = found.rotation, found.shift
         else:
             centre = axis_angle_to_matrix(found.mean_delta) @ centre
@@ -1175,6 +1218,7 @@ def _search_pose_steps(
     grid: WorkingGrid,
     search: SearchGrid,
     estimate: str = "mean",
+    prior_deg: float | None = None,
 ) -> None:
     """Local exhaustive search (:func:`local_search`) for the batch's poses, map fixed.
 
@@ -1186,7 +1230,11 @@ def _search_pose_steps(
     posterior), ``"best"`` the lowest-misfit candidate. A particle moves to the pose
     the search found only if its loss under the fit's forward model
     (:func:`model_spectra`, which the search approximates) is lower there, so a visit never
-    increases its image's misfit for the current map.
+    increases its image's misfit for the current map. With ``prior_deg`` (the rms rotation
+    error of the starting poses ``poses.base``) the search weighs candidates by a Gaussian
+    prior on the rotation away from the start (:class:`PosePrior`, σ = prior_deg/√3 per
+    axis) and a particle moves only if its posterior rises (misfit / 2σ²_noise + −log
+    prior falls).
     """
     linear = projector
     if projector.kernel != "linear":  # the search samples trilinearly
@@ -1197,13 +1245,22 @@ def _search_pose_steps(
     with torch.no_grad():
         before = model_spectra(projector, rot.float(), shifts.float(), ctf, grid)
     loss = ((before - data).abs() ** 2).sum(-1)
-    noise = None
-    if estimate == "mean":
+    noise, prior = None, None
+    if estimate == "mean" or prior_deg is not None:
         noise = (loss / data.shape[-1]).clamp_min(1e-6 * float((data.abs() ** 2).mean()))
-    new_rot, new_shifts = local_search(model, model.half(data), rot, shifts, search, noise)
+    if prior_deg is not None:
+        prior = PosePrior(poses.base[idx], math.radians(prior_deg) / math.sqrt(3.0))
+    new_rot, new_shifts = local_search(
+        model, model.half(data), rot, shifts, search, noise, prior, estimate
+    )
     with torch.no_grad():
         after = model_spectra(projector, new_rot.float(), new_shifts.float(), ctf, grid)
-    accept = ((after - data).abs() ** 2).sum(-1) < loss
+    new_loss = ((after - data).abs() ** 2).sum(-1)
+    if prior is None:
+        accept = new_loss < loss
+    else:  # compare −log posteriors, in units of loss
+        scale = 2 * noise.to(torch.float64)
+        accept = new_loss + scale * prior.penalty(new_rot) < loss + scale * prior.penalty(rot)
     moved = idx[accept]
     poses.delta[moved] = rotation_log(new_rot[accept] @ poses.base[moved].transpose(-1, -2))
     poses.shifts[moved] = new_shifts[accept]
@@ -1262,6 +1319,7 @@ def refine_poses(
                     grid,
                     search,
                     config.search_estimate,
+                    config.pose_prior_deg,
                 )
             if config.pose_steps > 0:
                 _adam_pose_steps(projector, poses, idx, data, batch_ctf, grid, config)
@@ -1465,6 +1523,7 @@ class _Fit:
                     grid,
                     search,
                     config.search_estimate,
+                    config.pose_prior_deg,
                 )
             if config.pose_steps > 0:
                 _adam_pose_steps(
