@@ -451,7 +451,8 @@ error 5× below 20° needs an almost perfect map.
 
 
 def merge(parts: list[str], out: Path) -> int:
-    """Write one table from the mfn.json of runs that differ only in their proteins."""
+    """Write one table from the mfn.json of runs that differ only in their proteins or
+    perturbations (rows sorted by protein, then perturbation)."""
     loaded = []
     for part in parts:
         path = Path(part) / "mfn.json"
@@ -460,7 +461,7 @@ def merge(parts: list[str], out: Path) -> int:
         loaded.append(json.loads(path.read_text()))
     meta = loaded[0]["meta"]
     for other in loaded[1:]:
-        keys = ("box", "pixel_size", "n_particles", "stages", "fit_config", "perturb_deg")
+        keys = ("box", "pixel_size", "n_particles", "stages", "fit_config")
         for key in (*keys, "pose_prior"):
             if other["meta"].get(key) != meta.get(key):
                 raise SystemExit(f"--merge: the runs differ in {key}; merge only like runs")
@@ -470,7 +471,7 @@ def merge(parts: list[str], out: Path) -> int:
         pixel_size=meta["pixel_size"],
         n_particles=meta["n_particles"],
         proteins=[p for part in loaded for p in part["meta"]["proteins"]],
-        perturb=meta["perturb_deg"],
+        perturb=sorted({d for part in loaded for d in part["meta"]["perturb_deg"]}),
         perturb_shift=meta["perturb_shift_angstrom"],
         stages=meta["stages"],
         networks=sorted({n for part in loaded for n in part["meta"]["networks"]}),
@@ -487,6 +488,14 @@ def merge(parts: list[str], out: Path) -> int:
         pose_prior=meta.get("pose_prior", "none"),
     )
     rows = [row for part in loaded for row in part["rows"]]
+    order = list(dict.fromkeys(row["protein"] for row in rows))
+    seen, unique = set(), []
+    for row in rows:  # the true-pose reference appears once per protein
+        key = (row["protein"], row["perturb_deg"], row["method"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(row)
+    rows = sorted(unique, key=lambda r: (order.index(r["protein"]), r["perturb_deg"]))
     commands = "; ".join(part["meta"]["command"] for part in loaded)
     command = f"{commands}; then mfn.py --merge {' '.join(parts)}"
     # the parts ran side by side: the elapsed time is the longest part's

@@ -92,10 +92,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_common_args(p)
     p.set_defaults(_run=run_points)
 
-    for name, what, suffix in (("map", "an MRC map", ".mrc"), ("images", "an MRC stack", ".mrcs")):
-        q = sub.add_parser(name, help=f"super-resolve {what} (SR3 or regression prior)")
-        q.add_argument("input", type=Path, help=f"low-resolution {what} ({suffix})")
-        q.add_argument("--prior", type=Path, required=True, help="sr3 or regression prior folder")
+    for name, what, suffix, shipped in (
+        ("map", "MRC map", ".mrc", "sr3_maps, regression_maps"),
+        ("images", "MRC stack", ".mrcs", "sr3_images, regression_images"),
+    ):
+        q = sub.add_parser(name, help=f"super-resolve an {what} (SR3 or regression prior)")
+        q.add_argument("input", type=Path, help=f"the low-resolution {what} ({suffix})")
+        q.add_argument(
+            "--prior",
+            type=Path,
+            required=True,
+            help=f"sr3 or regression prior folder, or a shipped name ({shipped})",
+        )
         q.add_argument(
             "--factor",
             type=float,
