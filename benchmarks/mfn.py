@@ -1,11 +1,12 @@
 """Coordinate-network (MFN) reconstruction benchmark: staged fitting with pose refinement.
 
-For each protein (shipped structures; default 1fki_A and 5pti_A) particles are simulated
-with the physics core (Haar-uniform poses, uniform in-plane shifts up to 3 Å, CTF with
-defocus 1.0-2.5 µm at 300 kV, white noise at SNR 0.1 = variance of the noiseless CTF
-images over the box / noise variance). For each initial pose error θ (default 5°, 20°,
-45°; every rotation moved by exactly θ about a random axis, every shift by one pixel in a
-random direction) these reconstructions are compared:
+For each protein (a shipped name or a structure file; default FKBP12 1fki_A, 107
+residues, and corpus/protein_A.pdb.gz, 297 residues, from ``cryoprior data corpus``)
+particles are simulated with the physics core (Haar-uniform poses, uniform in-plane shifts
+up to 3 Å, CTF with defocus 1.0-2.5 µm at 300 kV, white noise at SNR 0.1 = variance of the
+noiseless CTF images over the box / noise variance). For each initial pose error θ
+(default 5°, 20°, 45°; every rotation moved by exactly θ about a random axis, every shift
+by one pixel in a random direction) these reconstructions are compared:
 
   (a) Wiener back-projection with the true poses (the reference; once per protein),
   (b) Wiener back-projection with the perturbed poses,
@@ -14,15 +15,16 @@ random direction) these reconstructions are compared:
 
 Pose refinement: on every batch a local exhaustive search around each particle's pose
 (rotations within 45° on a 10° lattice, then a 3.3° cube; shifts within 3 px; posterior
-mean under white noise; see cryoprior.solvers.mfn_fit), then 5 Adam steps. The first
-stage (network output 1, 12.4 Å) refines shifts only; the search runs at 10 Å (output 2,
-1.5 epochs) and at 3.75 Å (1 epoch, radius 2 lattice steps of 3.75°).
+mean under white noise and, with ``--pose-prior theta`` (default), a Gaussian prior of rms
+θ on the rotation away from the starting pose; see cryoprior.solvers.mfn_fit), then 5
+Adam steps. The first stage (network output 1, 12.4 Å) refines shifts only; the search
+runs at 10 Å (output 2, 1.5 epochs) and at 3.75 Å (3 epochs, radius 2 lattice steps of
+3.75°).
 
-Cost on one CPU thread (measured with 6,000 particles, scaled to 10,000): about 7 min per
-MFN fit (10 Å stage ~2 s per batch of 128: network step 1.3 s, search 0.4 s; 3.75 Å
-stage ~2.6 s per batch), plus ~1.5 min per protein for simulation and the Wiener maps,
-so the default (residual MFN, 2 proteins × 3 perturbations) takes about 45 min and
-``--networks residual_mfn bacon`` about 90 min.
+Cost on one CPU thread: about 15 min per MFN fit with 10,000 particles alone on the
+machine (~30 min beside two other jobs on 2 cores), plus ~1.5 min per protein for
+simulation and the Wiener maps; run one process per protein side by side and join them
+with ``--merge``.
 
 Reported: FSC 0.143 and 0.5 resolution against the ground-truth map (soft spherical mask
 of radius 0.4 box), and mean / median pose errors (degrees, Å) before and after, with the
@@ -55,9 +57,11 @@ RESULTS = HERE / "results"
 # Stage schedules (BAND:EPOCHS:OUTPUTS[:POSES], see cryoprior.solvers.mfn_fit.parse_stages).
 # Full: output 1 at its band (12.4 Å, shifts only: a one-layer MFN is too poor a map to orient
 # particles by), then output 2 at 10 Å (1.5 epochs, the wide pose search) and at 3.75 Å
-# (network band 0.8 × Nyquist = 3.75 Å at 1.5 Å/px). Quick (32², 3 Å/px): the first band is
-# 33 Å, too coarse to orient a small protein at SNR 0.1, so only shifts are refined there.
-FULL_STAGES = "auto:1:1:shifts,0.3:1.5:2,0.8:1:2"
+# (network band 0.8 × Nyquist = 3.75 Å at 1.5 Å/px; 3 epochs: against the TRUE map a local
+# search from 20° needs three visits at this band to reach its limit, 11° -> 3.9° -> 3.2°).
+# Quick (32², 3 Å/px): the first band is 33 Å, too coarse to orient a small protein at SNR
+# 0.1, so only shifts are refined there.
+FULL_STAGES = "auto:1:1:shifts,0.3:1.5:2,0.8:3:2"
 QUICK_STAGES = "auto:2:1:shifts,0.6:3:2"
 
 
@@ -444,9 +448,13 @@ The first stage refines shifts only: a one-layer MFN is too poor a map to orient
 protein by, and searching against it moved poses away from the truth. The map's rigid
 frame is free in the fit; pose errors and MFN FSCs are measured after removing the best
 global rotation and translation (listed per stage in mfn.json); the Wiener maps are in the
-frame of their poses. Information limit: a local search from 20° against the TRUE map
-(1fki_A, SNR 0.1, bands up to Nyquist) ends at a mean error of about 3.5°, so a mean
-error 5× below 20° needs an almost perfect map.
+frame of their poses. With --pose-prior theta the search weighs candidates by a Gaussian
+prior on the rotation away from the starting pose (rms θ₀, what a user states as RELION's
+sigma_ang) and a particle moves only if its posterior rises. Information limit: a local
+search from 20° against the TRUE map (1,000 particles, SNR 0.1, 3.75 Å band, three visits)
+ends at a mean error of 3.2° for 1fki_A (107 residues, Rg 13 Å) and 2.1° for protein_A
+(297 residues, Rg 19 Å): a longer lever arm makes the same SNR orient better, so a mean
+error 5× below 20° (4°) needs an almost perfect map on the small protein.
 """
 
 
@@ -515,7 +523,7 @@ def main() -> int:
         "--proteins",
         nargs="+",
         default=None,
-        help="shipped names or structure files (default 1fki_A 5pti_A)",
+        help="shipped names or structure files (default 1fki_A corpus/protein_A.pdb.gz)",
     )
     ap.add_argument("--perturb", nargs="+", type=float, default=None, help="default 5 20 45")
     ap.add_argument("--perturb-shift", type=float, default=None, help="Å (default one pixel)")
@@ -553,9 +561,9 @@ def main() -> int:
     ap.add_argument(
         "--pose-prior",
         choices=["none", "theta"],
-        default="none",
-        help="theta: give the fit a Gaussian prior on the rotation away from the starting "
-        "pose whose rms is the perturbation angle (what a user states as RELION's "
+        default="theta",
+        help="theta (default): give the fit a Gaussian prior on the rotation away from the "
+        "starting pose whose rms is the perturbation angle (what a user states as RELION's "
         "--sigma_ang); none: uniform in the search ball",
     )
     ap.add_argument("--threads", type=int, default=1)
@@ -576,7 +584,9 @@ def main() -> int:
     args.n_particles = args.n_particles or (1000 if quick else 10000)
     args.box = args.box or (32 if quick else 64)
     args.pixel_size = args.pixel_size or (3.0 if quick else 1.5)
-    args.proteins = args.proteins or (["1fki_A"] if quick else ["1fki_A", "5pti_A"])
+    args.proteins = args.proteins or (
+        ["1fki_A"] if quick else ["1fki_A", "corpus/protein_A.pdb.gz"]
+    )
     args.perturb = args.perturb or ([20.0] if quick else [5.0, 20.0, 45.0])
     args.stages = args.stages or (QUICK_STAGES if quick else FULL_STAGES)
     args.hidden = args.hidden or (64 if quick else 128)
