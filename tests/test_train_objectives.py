@@ -111,8 +111,9 @@ def test_objective_section_defaults_and_errors() -> None:
     assert heat["max_radius"] == 2 and heat["process"] == "gaussian"
     with pytest.raises(InputError, match="unknown objective.kind"):
         resolve_objective({"kind": "superres"})
-    with pytest.raises(InputError, match="residual"):  # a regression-only key
-        resolve_objective({"kind": "sr3", "residual": True})
+    assert resolve_objective({"kind": "sr3", "residual": True})["residual"] is True
+    with pytest.raises(InputError, match="residual"):
+        resolve_objective({"kind": "sr3", "residual": "yes"})
     with pytest.raises(InputError, match="factors"):
         resolve_objective({"kind": "sr3", "factors": [1]})
     with pytest.raises(InputError, match="max_radius"):
@@ -168,6 +169,11 @@ def test_train_save_load_and_resume(kind, tmp_path) -> None:
         assert record["network"]["in_node_features"] == 0
     if kind == "sr3":
         assert record["network"]["cond_channels"] == 1 and record["diffusion"]["schedule"]
+    if kind == "sr3":  # a run saved before objective.residual existed (default False)
+        path = tmp_path / "run" / "config.json"
+        old = json.loads(path.read_text())
+        del old["config"]["objective"]["residual"]
+        path.write_text(json.dumps(old))
     # the same config resumes; a different objective does not
     more = {**cfg, "train": {**TRAIN, "steps": 6}}
     assert train_prior(more, tmp_path / "run", resume=True, command="pytest").summary.step == 6

@@ -184,20 +184,24 @@ def sr3_loss(
     pixel_size_low: float,
     conditioner: SR3Conditioner | None = None,
     generator: torch.Generator | None = None,
+    residual: bool = False,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-sample (B,) DSM loss of x = ``high_res`` given y = ``low_res`` (SR3 Eq. 6).
 
     Both (B, C, *spatial), already normalised; the factor is read from their shapes;
     ``conditioner`` defaults to Fourier upsampling; ``kwargs`` go to
-    :func:`~cryoprior.diffusion.dsm_loss` (weighting, target, ...).
+    :func:`~cryoprior.diffusion.dsm_loss` (weighting, target, ...). ``residual``: the
+    diffused variable is the detail x − up(y) instead of x (as SRDiff, Li et al. 2022;
+    :func:`sr3_sample` adds up(y) back).
     """
     cond_fn = _default(conditioner, low_res)
     cond_fn.check(low_res)
     factor = factor_from_shapes(low_res, high_res, cond_fn.ndim)
     cond = cond_fn(low_res, factor, pixel_size_low)
     _check_pair(cond["cond"], high_res)
-    return dsm_loss(denoiser, high_res, generator, cond=cond, **kwargs)
+    target = high_res - cond["cond"] if residual else high_res
+    return dsm_loss(denoiser, target, generator, cond=cond, **kwargs)
 
 
 def _check_pair(up: torch.Tensor, high_res: torch.Tensor) -> None:
@@ -209,19 +213,28 @@ def _check_pair(up: torch.Tensor, high_res: torch.Tensor) -> None:
 
 
 class _ConsistentDenoiser(nn.Module):
-    """Wrap a denoiser so that its x̂0 satisfies D x̂0 = y (DDNM, Wang et al. 2023, Eq. 13)."""
+    """Wrap a denoiser so that its x̂0 satisfies D (x̂0 + offset) = y (DDNM, Wang et al.
+    2023, Eq. 13); ``offset`` is up(y) for a residual prior (the denoiser's x is the
+    detail), else 0."""
 
     def __init__(
-        self, denoiser: DenoiserLike, op: DownsampleOperator, low_res: torch.Tensor
+        self,
+        denoiser: DenoiserLike,
+        op: DownsampleOperator,
+        low_res: torch.Tensor,
+        offset: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        self.inner, self.op, self.low_res = denoiser, op, low_res
+        self.inner, self.op, self.low_res, self.offset = denoiser, op, low_res, offset
         self.schedule = denoiser.schedule
         self.representation = denoiser.representation
 
     def forward(self, x_t: torch.Tensor, t: TimeLike, **cond: Any) -> DenoiserOutput:
         out = self.inner(x_t, t, **cond)
-        x0 = self.op.project(out.x0, self.low_res)
+        if self.offset is None:
+            x0 = self.op.project(out.x0, self.low_res)
+        else:
+            x0 = self.op.project(out.x0 + self.offset, self.low_res) - self.offset
         alpha, sigma = self.schedule.alpha_sigma(per_sample_time(t, x_t))
         s = expand_like(sigma, x_t)
         eps = (x_t - expand_like(alpha, x_t) * x0) / s
@@ -269,6 +282,7 @@ def sr3_sample(
     output_resolution: float | None = None,
     batch_size: int | None = None,
     show_progress: bool = False,
+    residual: bool = False,
 ) -> SR3Result:
     """Draw ``n_samples`` super-resolved versions of one low-resolution image or map.
 
@@ -284,6 +298,8 @@ def sr3_sample(
         norm_mean, norm_std: the network's data normalisation (x − mean) / std.
         input_resolution, output_resolution: Å, for the extra scalars (default Nyquist).
         batch_size: samples per sampler call (default all at once).
+        residual: the denoiser models the detail x − up(y) (:func:`sr3_loss`); each
+            sample is up(y) + the sampled detail.
 
     Returns samples (n, *spatial_high), their pixel-wise mean and standard deviation
     (unbiased, 0 for one sample) in the units of ``low_res``, and the output pixel size.
@@ -306,9 +322,10 @@ def sr3_sample(
     high_shape = resampled_shape(low_res.shape, factor, up=True)
     y = ((low_res - norm_mean) / std).unsqueeze(0).unsqueeze(0)
     op = DownsampleOperator(high_shape, factor)
+    offset = cond_fn.upsample(y, factor) if residual else None  # (1, 1, *high_shape)
     model: DenoiserLike = denoiser
     if mode == "every_step":
-        model = _ConsistentDenoiser(denoiser, op, y[0])
+        model = _ConsistentDenoiser(denoiser, op, y[0], None if offset is None else offset[0])
     chunk = int(batch_size) if batch_size else int(n_samples)
     require(chunk >= 1, f"batch_size must be >= 1, got {batch_size}")
     parts = []
@@ -328,6 +345,8 @@ def sr3_sample(
             x = ddim_sample(model, shape, steps, eta=eta, **common)
         else:
             x = ddpm_sample(model, shape, steps, **common)
+        if offset is not None:
+            x = x + offset
         if mode != "none":
             x = op.project(x, yb)
         parts.append(x[:, 0])

@@ -91,8 +91,9 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
         "noise_std": 0.0,  # Å, zero-COM Gaussian noise on the blurred cloud
         "node_features": "auto",  # "elements" (one-hot atom types), "none" or "auto"
     },
-    "sr3": dict(_SR_DEFAULTS),
-    "regression": {**_SR_DEFAULTS, "residual": False},  # residual: x̂ = up(y) + net(up(y))
+    # residual: regression x̂ = up(y) + net(up(y)); sr3 diffuses the detail x − up(y)
+    "sr3": {**_SR_DEFAULTS, "residual": False},
+    "regression": {**_SR_DEFAULTS, "residual": False},
 }
 OUTPUT_DEFAULTS: dict[str, Any] = {
     "dir": None,  # run folder; default runs/<config file stem>
@@ -360,7 +361,7 @@ def resolve_objective(section: Mapping[str, Any]) -> dict[str, Any]:
             raise bad("blur", 'null, "nyquist" or a resolution > 0 Å')
         if not (_is_num(obj["resolution_scale"]) and obj["resolution_scale"] > 0):
             raise bad("resolution_scale", "a number > 0 (Å)")
-        if kind == "regression" and not isinstance(obj["residual"], bool):
+        if not isinstance(obj["residual"], bool):
             raise bad("residual", "true or false")
     return obj
 

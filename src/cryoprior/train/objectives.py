@@ -248,7 +248,7 @@ def _sr_loss(objective: Mapping[str, Any], diffusion: Mapping[str, Any], data: P
         f = factors[k]
         y = sr_degrade(objective, x, px, f, ndim, generator).data
         if sr3:
-            loss, _ = sr3_loss(model, y, x, px * f, cond, generator, **options)
+            loss, _ = sr3_loss(model, y, x, px * f, cond, generator, residual, **options)
             return loss
         return regression_loss(model, y, x, px * f, cond, residual)
 
@@ -474,6 +474,7 @@ def super_resolve(
             eta=eta,
             batch_size=batch_size,
             show_progress=show_progress,
+            residual=bool(prior.objective.get("residual", False)),
         )
     mode = "final" if data_consistency is True else data_consistency or "none"
     require(

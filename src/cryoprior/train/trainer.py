@@ -46,6 +46,7 @@ from cryoprior.networks import build_network, network_config
 from cryoprior.priors import DIFFUSION_OBJECTIVES, PriorMetadata, save_prior
 from cryoprior.train import distributed as ddp
 from cryoprior.train.config import (
+    OBJECTIVE_DEFAULTS,
     TrainConfig,
     build_data,
     command_line,
@@ -588,6 +589,9 @@ def train_prior(
     if resume and saved_path.is_file():
         saved = json.loads(saved_path.read_text())["config"]
         saved.setdefault("objective", {"kind": "denoising"})
+        # keys added to an objective since the run was saved take their defaults
+        for key, value in OBJECTIVE_DEFAULTS.get(saved["objective"].get("kind"), {}).items():
+            saved["objective"].setdefault(key, value)
         diffs = [
             d
             for section in ("data", "network", "diffusion", "objective")
