@@ -344,7 +344,12 @@ def plot_stages(rows: list[dict], path: Path) -> None:
 
 
 def write_results(
-    result: dict, args: argparse.Namespace, out: Path, seconds: float, command: str | None = None
+    result: dict,
+    args: argparse.Namespace,
+    out: Path,
+    seconds: float,
+    command: str | None = None,
+    remark: str | None = None,
 ) -> None:
     rows = result["rows"]
     out.mkdir(parents=True, exist_ok=True)
@@ -419,6 +424,8 @@ def write_results(
             for s in r["stages"]
         ]
         lines.append(f"- {r['protein']} {r['perturb_deg']:g}° {r['method']}: " + "; ".join(parts))
+    if remark:
+        lines += ["", remark.strip()]
     lines += ["", NOTES.strip()]
     (out / "mfn.md").write_text("\n".join(lines) + "\n")
 
@@ -458,7 +465,7 @@ error 5× below 20° (4°) needs an almost perfect map on the small protein.
 """
 
 
-def merge(parts: list[str], out: Path) -> int:
+def merge(parts: list[str], out: Path, remark: str | None = None) -> int:
     """Write one table from the mfn.json of runs that differ only in their proteins or
     perturbations (rows sorted by protein, then perturbation)."""
     loaded = []
@@ -508,7 +515,7 @@ def merge(parts: list[str], out: Path) -> int:
     command = f"{commands}; then mfn.py --merge {' '.join(parts)}"
     # the parts ran side by side: the elapsed time is the longest part's
     seconds = max(part["meta"]["wall_time_s"] for part in loaded)
-    write_results({"rows": rows, "config": fit}, args, out, seconds, command=command)
+    write_results({"rows": rows, "config": fit}, args, out, seconds, command, remark)
     print(f"wrote {out / 'mfn.md'} from {len(parts)} runs")
     return 0
 
@@ -569,6 +576,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="default benchmarks/results (quick: required)")
+    ap.add_argument("--remark", default=None, help="a paragraph for the table (with --merge)")
     ap.add_argument(
         "--merge",
         nargs="+",
@@ -579,7 +587,7 @@ def main() -> int:
     )
     args = ap.parse_args()
     if args.merge:
-        return merge(args.merge, Path(args.out) if args.out else RESULTS)
+        return merge(args.merge, Path(args.out) if args.out else RESULTS, args.remark)
     quick = args.quick
     args.n_particles = args.n_particles or (1000 if quick else 10000)
     args.box = args.box or (32 if quick else 64)
