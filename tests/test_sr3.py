@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cryoprior.core.errors import InputError
-from cryoprior.diffusion import AnalyticGaussianDenoiser, CosineSchedule, Denoiser
+from cryoprior.diffusion import AnalyticGaussianDenoiser, CosineSchedule, Denoiser, dsm_loss
 from cryoprior.networks import UNet
 from cryoprior.physics.degrade import (
     DownsampleOperator,
@@ -132,8 +132,6 @@ def test_residual_sr3_loss_targets_the_detail(gen):
     detail = high - fourier_upsample(low, 2, ndim=2)
     a, _ = sr3_loss(den, low, high, 2.0, generator=torch.Generator().manual_seed(1), residual=True)
     cond = SR3Conditioner(2)(low, 2.0, 2.0)
-    from cryoprior.diffusion import dsm_loss
-
     b, _ = dsm_loss(den, detail, torch.Generator().manual_seed(1), cond=cond)
     torch.testing.assert_close(a, b)
 

@@ -222,7 +222,7 @@ class _ConsistentDenoiser(nn.Module):
         denoiser: DenoiserLike,
         op: DownsampleOperator,
         low_res: torch.Tensor,
-        offset: torch.Tensor | None = None,
+        offset: torch.Tensor | float = 0.0,
     ) -> None:
         super().__init__()
         self.inner, self.op, self.low_res, self.offset = denoiser, op, low_res, offset
@@ -231,10 +231,7 @@ class _ConsistentDenoiser(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: TimeLike, **cond: Any) -> DenoiserOutput:
         out = self.inner(x_t, t, **cond)
-        if self.offset is None:
-            x0 = self.op.project(out.x0, self.low_res)
-        else:
-            x0 = self.op.project(out.x0 + self.offset, self.low_res) - self.offset
+        x0 = self.op.project(out.x0 + self.offset, self.low_res) - self.offset
         alpha, sigma = self.schedule.alpha_sigma(per_sample_time(t, x_t))
         s = expand_like(sigma, x_t)
         eps = (x_t - expand_like(alpha, x_t) * x0) / s
@@ -325,7 +322,7 @@ def sr3_sample(
     offset = cond_fn.upsample(y, factor) if residual else None  # (1, 1, *high_shape)
     model: DenoiserLike = denoiser
     if mode == "every_step":
-        model = _ConsistentDenoiser(denoiser, op, y[0], None if offset is None else offset[0])
+        model = _ConsistentDenoiser(denoiser, op, y[0], 0.0 if offset is None else offset[0])
     chunk = int(batch_size) if batch_size else int(n_samples)
     require(chunk >= 1, f"batch_size must be >= 1, got {batch_size}")
     parts = []
