@@ -1,7 +1,7 @@
 """Benchmark: diffusion super-resolution (SR3) of particle images and density maps (issue 7).
 
 On proteins never seen in training (the test chains recorded in the priors' prior.json;
-corpus split by sequence identity), for factors 2 and 4:
+corpus split by sequence identity), for factors 2 and 4 (--factors):
 
 - 2-D: clean projections of each test protein's map (the training images' construction,
   ``cryoprior.train.config.render_projections``: 32² at 3 Å/px, random orientations drawn
@@ -19,8 +19,13 @@ settings). Methods: Fourier zero-padding ("sinc") upsampling; bi/trilinear upsam
 regression U-Net (same network and pairs, L2) as is and with the data-consistency
 projection; SR3: the mean of --samples DDIM samples (--steps steps, --consistency, default
 "final": the output's low frequencies are the input's) and, for reference, one sample.
-Mean ± standard error over items. Goal of issue 7: SR3 better than Fourier upsampling on
-every figure, and better than the regression U-Net on FSC at factor 4.
+Mean ± standard error over items. Also for every method: the power of the estimate at
+the frequencies the input lacks over the truth's there (``detail_power_ratio``; 1 = the
+true amount of detail, < 1 over-smoothed), which FSC and correlation do not measure.
+Goal of issue 7: SR3 better than Fourier upsampling on every figure (PSNR, SSIM, FSC,
+correlation), and better than the regression U-Net on FSC at factor 4. --partial-means k
+adds rows for the mean of the first k samples (the same draws), to show how the mean's
+figures depend on the number of samples.
 
 Writes superres.json, superres.md, superres_examples.png (low-res / Fourier / regression
 / SR3 / truth for one held-out protein, images and central map slices) and
@@ -70,6 +75,19 @@ LABELS = {
     "sr3-1": "SR3, one sample",
     "sr3": "SR3, mean of samples",
 }
+
+
+def sr3_methods(args: argparse.Namespace) -> list[str]:
+    """METHODS with a "mean of the first k samples" row for each --partial-means k."""
+    extra = [f"sr3-{k}" for k in args.partial_means]
+    return [*METHODS[:-1], *extra, METHODS[-1]]
+
+
+def label(method: str) -> str:
+    """Table label of a method key (``sr3-k``: the mean of the first k SR3 samples)."""
+    if method in LABELS:
+        return LABELS[method]
+    return f"SR3, mean of {method.split('-')[1]} samples"
 
 
 # ----------------------------------------------------------------------------- data
@@ -163,7 +181,11 @@ def upsampled(
         data_consistency=args.consistency,
         batch_size=args.batch_size,
     )
-    return {"sr3": res.mean.double(), "sr3-1": res.samples[0].double(), "sr3-std": res.std}
+    out = {"sr3": res.mean.double(), "sr3-1": res.samples[0].double(), "sr3-std": res.std}
+    for k in args.partial_means:
+        # the mean of the first k samples: how the estimate sharpens with more samples
+        out[f"sr3-{k}"] = res.samples[:k].double().mean(dim=0)
+    return out
 
 
 def evaluate(
@@ -183,7 +205,7 @@ def evaluate(
     mask = spherical_mask((box,) * 3, 0.45 * box, 3.0, torch.float64) if ndim == 3 else None
     methods = [
         m
-        for m in METHODS
+        for m in sr3_methods(args)
         if ("regression" not in m or "regression" in priors) and ("sr3" not in m or "sr3" in priors)
     ]
     out: dict[str, Any] = {"items": names, "factors": {}}
@@ -197,7 +219,7 @@ def evaluate(
             low = sr_degrade(objective, truth, px, factor, ndim, g, noise_scale=scale).data
             estimates: dict[str, torch.Tensor] = {}
             for method in methods:
-                if method == "sr3-1":
+                if method.startswith("sr3-"):
                     continue
                 t0 = time.perf_counter()
                 estimates.update(upsampled(method, low, factor, px * factor, priors, args, g))
@@ -215,6 +237,7 @@ def evaluate(
                     row.setdefault("masked_correlation", []).append(float(corr))
                     curves[method].append(res.fsc)
                     frequency = res.frequency
+                row.setdefault("detail_power", []).append(detail_power_ratio(est, truth, factor))
             if i == 0:
                 examples[factor] = {"low": low, "truth": truth, **estimates}
         summary = {m: {metric: _stats(v) for metric, v in scores[m].items()} for m in methods}
@@ -230,6 +253,23 @@ def evaluate(
     out["_examples"] = examples
     out["methods"] = methods
     return out
+
+
+def detail_power_ratio(estimate: torch.Tensor, truth: torch.Tensor, factor: int) -> float:
+    """Power of ``estimate`` / power of ``truth`` at the frequencies the input lacks.
+
+    The band is every Fourier coefficient with some axis index |k| > n / (2 · factor) (the
+    low-resolution grid's Fourier cube, Nyquist excluded), so the ratio is 1 for an estimate
+    with the true amount of detail, < 1 for an over-smoothed one (Fourier upsampling gives
+    0). FSC, being a per-shell normalised correlation, cannot see this.
+    """
+    n = truth.shape[-1]
+    k = torch.fft.fftfreq(n, d=1.0 / n).abs()
+    grids = torch.meshgrid(*([k] * truth.ndim), indexing="ij")
+    band = torch.stack(grids).amax(dim=0) > n / (2 * factor)
+    e = torch.fft.fftn(estimate.double()).abs().pow(2)[band].sum()
+    t = torch.fft.fftn(truth.double()).abs().pow(2)[band].sum()
+    return float(e / t)
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -326,7 +366,7 @@ def plot_fsc(path: Path, res: dict[str, Any]) -> None:
         entry = res["factors"][f]
         freq = np.asarray(entry["fsc_frequency_per_angstrom"])
         for m in res["methods"]:
-            ax.plot(freq, entry["mean_fsc"][m], label=LABELS[m])
+            ax.plot(freq, entry["mean_fsc"][m], label=label(m))
         ax.axhline(0.143, color="0.5", lw=0.8, ls=":")
         ax.set_xlabel("spatial frequency (1/Å)")
         ax.set_ylabel("FSC with the true map")
@@ -355,6 +395,7 @@ def markdown(report: dict[str, Any]) -> str:
         "ssim": "SSIM ↑",
         "fsc0143_angstrom": "FSC₀.₁₄₃ resolution (Å) ↓",
         "masked_correlation": "masked correlation ↑",
+        "detail_power": "detail power (1 = true)",
     }
     for kind, res in report["data"].items():
         lines += [f"## {kind}: {len(res['items'])} held-out items", ""]
@@ -372,8 +413,8 @@ def markdown(report: dict[str, Any]) -> str:
             for m, s in entry["summary"].items():
                 cells = [f"{s[k]['mean']:.3f} ± {s[k]['sem']:.3f}" for k in metrics]
                 t = entry["seconds_per_item"].get(m, 0.0)
-                took = "(in SR3's)" if m == "sr3-1" else f"{t:.2f}"
-                lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + f" | {took} |")
+                took = "(in SR3's)" if m.startswith("sr3-") else f"{t:.2f}"
+                lines.append(f"| {label(m)} | " + " | ".join(cells) + f" | {took} |")
             lines.append("")
     if report["goals"]:
         lines += ["## Goals (issue 7)", "", "| data | factor | metric | SR3 | vs | met |"]
@@ -400,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sr3-images", type=Path, default=ASSETS / "sr3_images")
     p.add_argument("--regression-images", type=Path, default=ASSETS / "regression_images")
-    p.add_argument("--sr3-maps", type=Path, default=ASSETS / "sr3_maps")
+    p.add_argument("--sr3-maps", type=Path, default=ASSETS / "sr3_maps_residual")
     p.add_argument("--regression-maps", type=Path, default=ASSETS / "regression_maps")
     p.add_argument("--corpus", default="corpus", help="corpus folder with the test proteins")
     p.add_argument("--out", type=Path, default=RESULTS, help="output folder")
@@ -412,13 +453,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--consistency", choices=("none", "final", "every_step"), default="final")
     p.add_argument("--batch-size", type=int, default=None, help="SR3 samples drawn at once")
+    p.add_argument(
+        "--partial-means",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also score the mean of the first k SR3 samples for each k (< --samples)",
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument(
+        "--factors", type=int, nargs="+", default=list(FACTORS), help="upsampling factors"
+    )
     p.add_argument("--skip", choices=("images", "maps"), nargs="*", default=[])
     args = p.parse_args(argv)
-    args.factors = list(FACTORS)
     if args.quick:
         args.max_proteins, args.images_per_protein, args.maps_per_protein = 2, 2, 1
-        args.samples, args.steps = 2, 4
-    torch.set_num_threads(1)
+        args.samples, args.steps, args.partial_means = 3, 4, [2]
+    bad = [k for k in args.partial_means if not 1 < k < args.samples]
+    if bad:
+        p.error(f"--partial-means {bad}: each k must lie between 2 and --samples - 1")
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
