@@ -26,7 +26,7 @@ examples:
   cryoprior superres points blurred.sdf --prior src/cryoprior/assets/priors/heat_sr_molecules \\
       --t 0.5 -o restored.sdf
   cryoprior superres points lowres.pdb --prior heat_sr_calpha --sigma 3 --sampler improved
-  cryoprior superres map map_6A.mrc --prior sr3_maps --factor 2 --samples 8 -o map_3A.mrc
+  cryoprior superres map map_6A.mrc --prior sr3_maps_residual --factor 2 --samples 8 -o map_3A.mrc
   cryoprior superres images particles_bin2.mrcs --prior sr3_images -o particles_sr.mrcs
 """
 
@@ -93,7 +93,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(_run=run_points)
 
     for name, what, suffix, shipped in (
-        ("map", "MRC map", ".mrc", "sr3_maps, regression_maps"),
+        ("map", "MRC map", ".mrc", "sr3_maps_residual, sr3_maps, regression_maps"),
         ("images", "MRC stack", ".mrcs", "sr3_images, regression_images"),
     ):
         q = sub.add_parser(name, help=f"super-resolve an {what} (SR3 or regression prior)")
