@@ -22,6 +22,7 @@ from cryoprior.io.mrc import read_map, read_map_origin, read_stack, write_map, w
 from cryoprior.io.structure import read_xyz, write_pdb, write_xyz
 from cryoprior.networks import EGNN, UNet
 from cryoprior.physics.degrade import fourier_downsample, fourier_upsample
+from cryoprior.physics.projection import gaussian_blobs
 from cryoprior.priors import PriorMetadata, save_prior
 from cryoprior.train.config import resolve_objective
 
@@ -262,11 +263,8 @@ def test_shipped_residual_map_prior_adds_detail_and_keeps_the_input(tmp_path) ->
     """The shipped residual SR3 map prior, by name: 8³ at 12 Å/px -> 32³ at 3 Å/px; the
     output's low frequencies are the input's and it has detail the input lacks."""
     g = torch.Generator().manual_seed(2)
-    coords = torch.stack(torch.meshgrid(*[torch.arange(32.0) - 16] * 3, indexing="ij"))
-    blobs = torch.zeros(32, 32, 32)
-    for _ in range(12):  # a compact cluster of 4 Å-wide Gaussian "atoms groups"
-        c = 6 * torch.randn(3, 1, 1, 1, generator=g)
-        blobs += torch.exp(-((coords - c) ** 2).sum(0) / (2 * 1.5**2))
+    # a compact cluster of 12 Gaussian "atom groups", σ = 1.5 px (4.5 Å)
+    blobs = gaussian_blobs(6 * torch.randn(12, 3, generator=g), 1.5, 32, dtype=torch.float32)
     low = fourier_downsample(0.05 * blobs, 4)
     write_map(tmp_path / "low.mrc", Volume(low, 12.0))
     argv = ["map", tmp_path / "low.mrc", "--prior", "sr3_maps_residual", "--samples", 1]

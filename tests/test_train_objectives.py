@@ -169,7 +169,7 @@ def test_train_save_load_and_resume(kind, tmp_path) -> None:
         assert record["network"]["in_node_features"] == 0
     if kind == "sr3":
         assert record["network"]["cond_channels"] == 1 and record["diffusion"]["schedule"]
-    if kind == "sr3":  # a run saved before objective.residual existed (default False)
+        # a run saved before objective.residual existed resumes with its default (False)
         path = tmp_path / "run" / "config.json"
         old = json.loads(path.read_text())
         del old["config"]["objective"]["residual"]

@@ -79,6 +79,8 @@ _SR_DEFAULTS: dict[str, Any] = {
     "noise_std": 0.0,  # white noise on the low-res input, network units (x / data scale)
     "blur": None,  # blur the high-res item first: None, "nyquist" (to 2 px_low) or Å
     "resolution_scale": 10.0,  # Å; the network embeds resolutions / this
+    # regression: x̂ = up(y) + net(up(y)); sr3: the diffused variable is the detail x − up(y)
+    "residual": False,
 }
 #: ``[objective]`` keys of every kind, with their defaults (see the module docstring)
 OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -91,9 +93,8 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
         "noise_std": 0.0,  # Å, zero-COM Gaussian noise on the blurred cloud
         "node_features": "auto",  # "elements" (one-hot atom types), "none" or "auto"
     },
-    # residual: regression x̂ = up(y) + net(up(y)); sr3 diffuses the detail x − up(y)
-    "sr3": {**_SR_DEFAULTS, "residual": False},
-    "regression": {**_SR_DEFAULTS, "residual": False},
+    "sr3": dict(_SR_DEFAULTS),
+    "regression": dict(_SR_DEFAULTS),
 }
 OUTPUT_DEFAULTS: dict[str, Any] = {
     "dir": None,  # run folder; default runs/<config file stem>
