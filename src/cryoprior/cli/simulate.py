@@ -53,7 +53,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--voltage", type=float, default=300.0, help="kV (default 300)")
     p.add_argument("--cs", type=float, default=2.7, help="spherical aberration, mm")
     p.add_argument("--amplitude-contrast", type=float, default=0.1)
-    p.add_argument("--bfactor", type=float, default=0.0, help="CTF B-factor envelope, Å²")
+    p.add_argument(
+        "--bfactor",
+        type=float,
+        default=0.0,
+        help="CTF B-factor envelope, Å² (written to the STAR file as rlnCtfBfactor)",
+    )
+    p.add_argument(
+        "--envelope-bfactor",
+        type=float,
+        default=0.0,
+        help="B-factor envelope on the images NOT written to the STAR file, Å²: the unknown "
+        "high-resolution signal loss of real data (e.g. 60; default 0)",
+    )
     p.add_argument(
         "--max-shift",
         type=float,
@@ -84,6 +96,7 @@ def main(args: argparse.Namespace) -> int:
         cs=args.cs,
         amplitude_contrast=args.amplitude_contrast,
         bfactor=args.bfactor,
+        envelope_bfactor=args.envelope_bfactor,
         max_shift=args.max_shift,
         seed=args.seed,
         chunk_size=args.chunk_size,

@@ -42,18 +42,56 @@ def _as_channels(v: torch.Tensor, dims: int) -> torch.Tensor:
     return v.reshape(*v.shape, *((1,) * dims))
 
 
+NORMS = ("group", "pixel")
+
+
+class PixelNorm(nn.Module):
+    """Layer normalisation over the channels of each voxel, with a per-channel affine.
+
+    Unlike GroupNorm it takes no statistics over space, so the network's output at a voxel
+    depends only on the input within its receptive field: the same weights give the same
+    answer on a 32³ training patch and inside a 128³ box, and an integer shift of the input
+    shifts the output (away from the edges; strided downsampling makes that exact for
+    shifts by multiples of 2^(levels - 1))."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=1, keepdim=True)
+        var = (x - mean).pow(2).mean(dim=1, keepdim=True)
+        h = (x - mean) * torch.rsqrt(var + self.eps)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return h * self.weight.reshape(shape) + self.bias.reshape(shape)
+
+
+def _norm(kind: str, groups: int, channels: int) -> nn.Module:
+    return PixelNorm(channels) if kind == "pixel" else nn.GroupNorm(groups, channels)
+
+
 class ResBlock(nn.Module):
-    """GN-SiLU-conv, GN·(1+scale)+shift from the embedding, SiLU-dropout-conv, plus skip."""
+    """N-SiLU-conv, N·(1+scale)+shift from the embedding, SiLU-dropout-conv, plus skip
+    (N: GroupNorm, or :class:`PixelNorm` for box-size-independent networks)."""
 
     def __init__(
-        self, dims: int, c_in: int, c_out: int, emb_dim: int, groups: int, dropout: float
+        self,
+        dims: int,
+        c_in: int,
+        c_out: int,
+        emb_dim: int,
+        groups: int,
+        dropout: float,
+        norm: str = "group",
     ) -> None:
         super().__init__()
         self.dims = dims
-        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.norm1 = _norm(norm, groups, c_in)
         self.conv1 = _conv(dims, c_in, c_out)
         self.emb = nn.Linear(emb_dim, 2 * c_out)
-        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.norm2 = _norm(norm, groups, c_out)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _conv(dims, c_out, c_out)
         self.skip = _conv(dims, c_in, c_out, kernel=1) if c_in != c_out else nn.Identity()
@@ -131,6 +169,9 @@ class UNet(nn.Module):
         groups: GroupNorm groups; must divide every level's channel count.
         embedding_scale: scale applied to ``c_noise`` and extra scalars before the sinusoids
             (see :class:`~cryoprior.networks.embeddings.SinusoidalEmbedding`).
+        norm: "group" (GroupNorm, statistics over the whole box) or "pixel"
+            (:class:`PixelNorm`, per voxel: a fully convolutional network whose weights
+            apply unchanged to any box; no attention then).
     """
 
     def __init__(
@@ -148,8 +189,14 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         groups: int = 8,
         embedding_scale: float = 100.0,
+        norm: str = "group",
     ) -> None:
         super().__init__()
+        require(norm in NORMS, f"norm must be one of {NORMS}, got {norm!r}")
+        require(
+            not (attention and norm == "pixel"),
+            'norm = "pixel" is for fully convolutional networks: set attention = false',
+        )
         require(dims in _CONV, f"dims must be 1, 2 or 3, got {dims}")
         require(
             in_channels > 0 and out_channels > 0,
@@ -184,6 +231,8 @@ class UNet(nn.Module):
             "groups": int(groups),
             "embedding_scale": float(embedding_scale),
         }
+        if norm != "group":  # files written before the option existed read as "group"
+            self.config["norm"] = norm
         self.dims = dims
         self.in_channels = in_channels
         self.cond_channels = cond_channels
@@ -197,28 +246,28 @@ class UNet(nn.Module):
         ch = base_channels
         for level, width in enumerate(widths):
             for _ in range(num_res_blocks):
-                self.down.append(ResBlock(dims, ch, width, emb_dim, groups, dropout))
+                self.down.append(ResBlock(dims, ch, width, emb_dim, groups, dropout, norm))
                 ch = width
                 skips.append(ch)
             if level < self.levels - 1:
                 self.down.append(Downsample(dims, ch))
                 skips.append(ch)
 
-        self.mid1 = ResBlock(dims, ch, ch, emb_dim, groups, dropout)
+        self.mid1 = ResBlock(dims, ch, ch, emb_dim, groups, dropout, norm)
         self.mid_attn = SelfAttention(ch, attention_heads, groups) if attention else None
-        self.mid2 = ResBlock(dims, ch, ch, emb_dim, groups, dropout)
+        self.mid2 = ResBlock(dims, ch, ch, emb_dim, groups, dropout, norm)
 
         self.up = nn.ModuleList()
         for level in reversed(range(self.levels)):
             for _ in range(num_res_blocks + 1):
                 self.up.append(
-                    ResBlock(dims, ch + skips.pop(), widths[level], emb_dim, groups, dropout)
+                    ResBlock(dims, ch + skips.pop(), widths[level], emb_dim, groups, dropout, norm)
                 )
                 ch = widths[level]
             if level > 0:
                 self.up.append(Upsample(dims, ch))
 
-        self.norm_out = nn.GroupNorm(groups, ch)
+        self.norm_out = _norm(norm, groups, ch)
         self.conv_out = _conv(dims, ch, out_channels)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)

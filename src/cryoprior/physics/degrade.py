@@ -179,6 +179,26 @@ def fourier_upsample(y: torch.Tensor, factor: float, ndim: int | None = None) ->
     return _resample(y, out, "up")
 
 
+def fourier_resize(x: torch.Tensor, size: Sequence[int], ndim: int | None = None) -> torch.Tensor:
+    """Fourier crop or zero-pad each trailing spatial axis to ``size`` (any sizes).
+
+    Each axis's centred spectrum is cropped (size smaller: the pixel grows by n/size) or
+    zero-padded (size larger: band-limited interpolation, the pixel shrinks by n/size),
+    scaled so that pixel values and means are preserved. The physical box stays the same;
+    ``fourier_resize(fourier_resize(x, m), n) == x`` when m >= n (crop after pad)."""
+    nd = _spatial_ndim(x, ndim)
+    size = tuple(int(n) for n in size)
+    require(len(size) == nd and all(n >= 1 for n in size), f"size must be {nd} sizes >= 1")
+    for i, n_out in enumerate(size):
+        dim = x.ndim - nd + i
+        n_in = x.shape[dim]
+        if n_out == n_in:
+            continue
+        one = [n_out if j == i else x.shape[x.ndim - nd + j] for j in range(nd)]
+        x = _resample(x, one, "down" if n_out < n_in else "up")
+    return x
+
+
 def _linear_axis(x: torch.Tensor, dim: int, n_out: int) -> torch.Tensor:
     m = x.shape[dim]
     f = n_out / m
@@ -331,6 +351,7 @@ __all__ = [
     "DownsampleOperator",
     "degrade",
     "fourier_downsample",
+    "fourier_resize",
     "fourier_upsample",
     "linear_upsample",
     "resampled_shape",

@@ -40,6 +40,13 @@ class SimulationConfig:
     ``snr`` None gives noiseless images. ``astigmatism`` is the largest half-difference
     (defocus_u - defocus_v) / 2; the astigmatism angle is uniform. Shifts are uniform in
     [-max_shift, max_shift]² Å.
+
+    ``bfactor`` is the CTF's B-factor: applied AND written to the STAR file
+    (``rlnCtfBfactor``), so a reconstruction knows it. ``envelope_bfactor`` (Å²) is an
+    envelope exp(−B s²/4) on every image that is NOT written: the unknown loss of
+    high-resolution signal (motion, charging, radiation damage, the map's own disorder)
+    that real particles carry and their metadata does not record. The SNR is measured on
+    the images with both applied.
     """
 
     n_particles: int
@@ -52,6 +59,7 @@ class SimulationConfig:
     cs: float = 2.7
     amplitude_contrast: float = 0.1
     bfactor: float = 0.0
+    envelope_bfactor: float = 0.0
     max_shift: float = 0.0
     seed: int = 0
     chunk_size: int = 256
@@ -72,6 +80,7 @@ class SimulationConfig:
         )
         require(self.astigmatism >= 0, "astigmatism must be >= 0 Å")
         require(self.max_shift >= 0, "max shift must be >= 0 Å")
+        require(self.envelope_bfactor >= 0, "envelope B-factor must be >= 0 Å²")
         require_positive(self.voltage, "voltage (kV)")
         require(self.cs >= 0, "spherical aberration Cs must be >= 0 mm")
         require(0 <= self.amplitude_contrast <= 1, "amplitude contrast must be in [0, 1]")
@@ -113,13 +122,21 @@ def draw_particle_parameters(
     return rotations, shifts, ctf
 
 
+def envelope(size: int, pixel_size: float, bfactor: float) -> torch.Tensor:
+    """exp(−B s²/4) on a centred (size, size) frequency grid (s in 1/Å, B in Å²)."""
+    s = (torch.arange(size, dtype=torch.float64) - size // 2) / (size * pixel_size)
+    s2 = s[:, None] ** 2 + s[None, :] ** 2
+    return torch.exp(-float(bfactor) * s2 / 4).to(torch.float32)
+
+
 class ParticleRenderer:
     """Noiseless particle images for given poses, shifts and CTFs (one map, reused)."""
 
-    def __init__(self, volume: Volume, pad: float = 2.0) -> None:
+    def __init__(self, volume: Volume, pad: float = 2.0, envelope_bfactor: float = 0.0) -> None:
         self.box = volume.box
         self.pixel_size = volume.pixel_size
         self.projector = Projector(volume.data.to(torch.float32), pad=pad)
+        self.envelope_bfactor = float(envelope_bfactor)
 
     def render(
         self, rotations: torch.Tensor, shifts_angstrom: np.ndarray | None, ctf: CTFParams | None
@@ -134,6 +151,8 @@ class ParticleRenderer:
         dp = spectra.shape[-1]
         if ctf is not None:
             spectra = spectra * compute_ctf(ctf, (dp, dp), self.pixel_size)
+        if self.envelope_bfactor > 0:
+            spectra = spectra * envelope(dp, self.pixel_size, self.envelope_bfactor)
         if shifts_angstrom is not None and np.any(shifts_angstrom):
             shifts_px = torch.as_tensor(-shifts_angstrom / self.pixel_size, dtype=torch.float32)
             spectra = shift_spectra(spectra, shifts_px)
@@ -160,7 +179,7 @@ def simulate_particles(
     n, box, px = int(config.n_particles), volume.box, volume.pixel_size
     rotations, shifts, ctf_arrays = draw_particle_parameters(config, box, px)
     ctf_all = CTFParams.from_particles(ctf_arrays) if config.ctf else None
-    renderer = ParticleRenderer(volume, pad=config.pad)
+    renderer = ParticleRenderer(volume, pad=config.pad, envelope_bfactor=config.envelope_bfactor)
 
     def chunk(start: int, stop: int) -> torch.Tensor:
         sub_ctf = ctf_all.index(slice(start, stop)) if ctf_all is not None else None

@@ -187,6 +187,27 @@ class PriorMetadata:
         """(H, W) or (D, H, W) for images and volumes; (max_nodes,) for points."""
         return self.shape[1:] if self.representation != "points" else self.shape[:1]
 
+    @property
+    def fully_convolutional(self) -> bool:
+        """True for a grid prior whose network applies to any box (trained on patches:
+        a U-Net with per-voxel normalisation and no attention); ``shape`` is then the
+        training patch, and samples may have any spatial size that is a multiple of
+        :attr:`size_multiple`."""
+        net = self.network
+        return (
+            self.representation in ("image", "volume")
+            and net.get("name") == "unet"
+            and net.get("norm") == "pixel"
+            and not net.get("attention", False)
+            and bool(self.data.get("summary", {}).get("fully_convolutional", False))
+        )
+
+    @property
+    def size_multiple(self) -> int:
+        """Spatial sizes a U-Net prior accepts are multiples of this (2^(levels − 1))."""
+        mults = self.network.get("channel_mults")
+        return 2 ** (len(mults) - 1) if self.network.get("name") == "unet" and mults else 1
+
 
 def denoiser_config(denoiser: Denoiser) -> dict[str, Any]:
     """The JSON config that rebuilds ``denoiser`` around its network (see
