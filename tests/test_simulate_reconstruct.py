@@ -197,7 +197,7 @@ def test_cli_demo_tiny(tmp_path):
     out = tmp_path / "demo"
     assert (
         cli(
-            ["demo", "-n", "200", "--box", "48", "--pixel-size", "2.0", "-o", str(out), "--quiet"]
+            ["demo", "-n", "200", "--box", "32", "--pixel-size", "1.5", "-o", str(out), "--quiet"]
             + ["--prior-particles", "40", "--prior-steps", "4", "--prior-samples", "2"]
         )
         == 0
@@ -207,21 +207,22 @@ def test_cli_demo_tiny(tmp_path):
     summary = json.loads((out / "demo.json").read_text())
     res = summary["wiener"]["fsc0143_vs_truth_angstrom"]
     assert math.isfinite(res) and res < 30
-    # the few-particle comparison ran with the shipped prior on its own grid (32³, 3 Å)
+    # the few-particle comparison ran with the native prior on the particles' own grid
     few = summary["few_particles"]
-    assert few["n_particles"] == 40 and few["prior_grid"] == "32^3 at 3 A/px"
+    assert few["n_particles"] == 40 and few["prior_grid"] == "32^3 at 1.5 A/px"
+    assert few["prior_native"] and summary["envelope_bfactor"] == 60.0
     prior_map = read_map(out / "prior_40_map.mrc")
-    assert prior_map.pixel_size == 3.0 and prior_map.data.shape == (32, 32, 32)
+    assert prior_map.pixel_size == 1.5 and prior_map.data.shape == (32, 32, 32)
     assert read_map(out / "prior_40_std.mrc").data.abs().sum() > 0  # two samples differ
     for method in ("wiener", "prior"):
         r = few[method]["fsc0143_vs_truth_angstrom"]
-        assert math.isfinite(r) and 6.0 <= r < 40, (method, r)
+        assert math.isfinite(r) and 3.0 <= r < 40, (method, r)
     assert "Few particles: Wiener vs the learned prior" in (out / "report.md").read_text()
 
 
 def test_cli_demo_skips_the_prior_comparison_when_the_grid_cannot_match(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "-n", "60", "--box", "32", "--pixel-size", "2.0", "-o", str(out), "--quiet"]
+    argv = ["demo", "-n", "60", "--box", "32", "--pixel-size", "3.0", "-o", str(out), "--quiet"]
     assert cli(argv + ["--prior-particles", "20"]) == 0
     assert "prior comparison skipped" in capsys.readouterr().err
     assert "few_particles" not in json.loads((out / "demo.json").read_text())

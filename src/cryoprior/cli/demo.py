@@ -5,8 +5,9 @@ held-out test protein: never in any prior's training split), with uniform random
 CTF and noise at the stated SNR; reconstructs the map by Wiener back-projection with
 gold-standard half maps from all particles; then, from only the first ``--prior-particles``
 of them (the few-image regime where a prior matters), reconstructs both by Wiener
-back-projection and by diffusion posterior sampling with the shipped density-map prior
-(``volume_32``: 32³ at 3 Å/px; the particles are Fourier-cropped to its grid). Writes the
+back-projection and by diffusion posterior sampling with the shipped native-resolution
+density-map prior (``volume_native``: 1.5 Å/px, fully convolutional, sampled on the
+particles' own 64³ grid), and scores both on that grid. Writes the
 maps (.mrc), every FSC curve against the ground truth on one plot (.png), a JSON record
 and a Markdown report. A few minutes on a laptop CPU.
 
@@ -33,7 +34,6 @@ from cryoprior.io.mrc import write_map
 from cryoprior.metrics.correlation import masked_correlation
 from cryoprior.metrics.fsc import FSCResult, fsc, plot_fsc, spherical_mask
 from cryoprior.physics.composition import protein_mass_kda
-from cryoprior.physics.degrade import fourier_downsample
 from cryoprior.physics.simulator import SimulationConfig, simulate_particles, volume_from_file
 from cryoprior.physics.source import ParticleSource
 from cryoprior.solvers.backprojection import reconstruct_source
@@ -48,6 +48,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=0.1,
         help="SNR: variance of noiseless CTF images / noise variance (default 0.1)",
     )
+    p.add_argument(
+        "--envelope-bfactor",
+        type=float,
+        default=60.0,
+        help="B-factor envelope of the images, Å², not recorded in the STAR file (default 60)",
+    )
     p.add_argument("--box", type=int, default=64, help="box size in px (default 64)")
     p.add_argument("--pixel-size", type=float, default=1.5, help="Å/px (default 1.5)")
     p.add_argument(
@@ -58,8 +64,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--prior",
-        default="volume_32",
-        help="density-map prior: a shipped name or a prior folder (default volume_32)",
+        default="volume_native",
+        help="density-map prior: a shipped name or a prior folder (default volume_native, "
+        "1.5 Å/px, any box; volume_32 is the coarse 32³ at 3 Å/px one)",
     )
     p.add_argument("--prior-steps", type=int, default=30, help="DDIM steps (default 30)")
     p.add_argument(
@@ -85,7 +92,12 @@ def main(args: argparse.Namespace) -> int:
     record = demo_record()
     truth = volume_from_file(record.path, args.box, args.pixel_size)
     write_map(out / "ground_truth.mrc", truth)
-    config = SimulationConfig(n_particles=args.n_particles, snr=args.snr, seed=args.seed)
+    config = SimulationConfig(
+        n_particles=args.n_particles,
+        snr=args.snr,
+        envelope_bfactor=args.envelope_bfactor,
+        seed=args.seed,
+    )
     sim = simulate_particles(truth, config, out / "particles", show_progress=not args.quiet)
     t_sim = time.perf_counter() - t0
 
@@ -123,6 +135,7 @@ def main(args: argparse.Namespace) -> int:
         "n_particles": args.n_particles,
         "snr_requested": args.snr,
         "snr_measured": sim.measured_snr,
+        "envelope_bfactor": args.envelope_bfactor,
         "box": args.box,
         "pixel_size": px,
         "wiener": {
@@ -162,17 +175,18 @@ def _prior_comparison(
 ) -> dict:
     """Wiener and prior-guided maps from the first ``--prior-particles`` particles.
 
-    Both maps are scored against the ground truth on the prior's grid (the truth and the
-    Wiener map Fourier-cropped to it), with the same soft mask; the Wiener map's FSC on its
-    own finer grid is also returned. The intensity scale uses the DC terms of all the
-    particles of the acquisition and the sequence's mass.
+    Both maps are scored against the ground truth on the particles' own grid (box and
+    pixel size), with the same soft mask: the posterior is sampled on the prior's grid
+    (the same grid for the native prior) and taken back by ``plan.map_back``. The
+    intensity scale uses the DC terms of all the particles of the acquisition and the
+    sequence's mass.
     """
     from cryoprior.core.errors import require
     from cryoprior.priors import load_prior
     from cryoprior.solvers.prior_reconstruction import (
         accumulate_particles,
-        check_volume_prior,
         intensity_scale,
+        prior_grid_plan,
         reconstruct_with_prior,
     )
 
@@ -182,14 +196,15 @@ def _prior_comparison(
         f"--prior-particles must be between 2 and --n-particles ({len(source)}), got {k}",
     )
     prior = load_prior(args.prior)
-    check_volume_prior(prior)
-    pbox, ppx = prior.metadata.spatial_shape[0], float(prior.metadata.pixel_size)
+    plan = prior_grid_plan(prior, source.box, source.pixel_size)
     subset = ParticleSource(source.particles.subset(list(range(k))))
     quiet = args.quiet
     t0 = time.perf_counter()
     wiener = reconstruct_source(subset, ssnr="fsc", seed=args.seed, show_progress=not quiet)
     t_wiener = time.perf_counter() - t0
-    acquisition = accumulate_particles(source, pbox, ppx, show_progress=not quiet)
+    acquisition = accumulate_particles(
+        source, plan.target_box, plan.target_pixel_size, show_progress=not quiet, plan=plan
+    )
     mass = protein_mass_kda(sequence)
     scale = intensity_scale(acquisition, mass_kda=mass)
     post = reconstruct_with_prior(
@@ -201,40 +216,37 @@ def _prior_comparison(
         seed=args.seed,
         show_progress=not quiet,
     )
-    factor = truth.data.shape[-1] / pbox
-    truth_p = fourier_downsample(truth.data.double(), factor, ndim=3)
-    wiener_p = fourier_downsample(wiener.full.double(), factor, ndim=3)
+    mean, std, _ = post.on_particle_grid()
     px = truth.pixel_size
     write_map(out / f"wiener_{k}_map.mrc", Volume(wiener.full.float(), px))
-    write_map(out / f"prior_{k}_map.mrc", Volume(post.mean.float(), ppx))
-    write_map(out / f"prior_{k}_std.mrc", Volume(post.std.float(), ppx))
-    write_map(out / "ground_truth_prior_grid.mrc", Volume(truth_p.float(), ppx))
-    mask_p = spherical_mask((pbox,) * 3, 0.4 * pbox, soft_edge_px=3.0)
-    mask_f = spherical_mask(tuple(truth.data.shape), 0.4 * truth.data.shape[-1], soft_edge_px=3.0)
-    w_fine = fsc(wiener.full, truth.data, px, mask=mask_f)
-    w_coarse = fsc(wiener_p, truth_p, ppx, mask=mask_p)
-    p_coarse = fsc(post.mean.double(), truth_p, ppx, mask=mask_p)
+    write_map(out / f"prior_{k}_map.mrc", Volume(mean.float(), px))
+    write_map(out / f"prior_{k}_std.mrc", Volume(std.float(), px))
+    mask = spherical_mask(tuple(truth.data.shape), 0.4 * truth.data.shape[-1], soft_edge_px=3.0)
+    w_fsc = fsc(wiener.full, truth.data, px, mask=mask)
+    p_fsc = fsc(mean.double(), truth.data, px, mask=mask)
 
-    def entry(res: FSCResult, m: torch.Tensor, ref: torch.Tensor, msk: torch.Tensor) -> dict:
+    def entry(res: FSCResult, m: torch.Tensor) -> dict:
         return {
             "fsc0143_vs_truth_angstrom": res.resolution_0143,
-            "masked_correlation_vs_truth": float(masked_correlation(m, ref, msk)),
+            "fsc05_vs_truth_angstrom": res.resolution_05,
+            "masked_correlation_vs_truth": float(masked_correlation(m, truth.data, mask)),
         }
 
+    grid = f"{plan.target_box}^3 at {plan.target_pixel_size:.4g} A/px"
     return {
         "n_particles": k,
         "prior_file": str(args.prior),
-        "prior_grid": f"{pbox}^3 at {ppx:g} A/px",
-        "prior_nyquist_angstrom": 2 * ppx,
+        "prior_grid": grid,
+        "prior_native": bool(prior.metadata.fully_convolutional),
+        "scored_on": f"{source.box}^3 at {px:g} A/px (the particles' grid)",
         "intensity_scale": scale.value,
-        "wiener": entry(w_coarse, wiener_p, truth_p, mask_p)
-        | {"fsc0143_vs_truth_own_grid_angstrom": w_fine.resolution_0143},
-        "prior": entry(p_coarse, post.mean.double(), truth_p, mask_p)
+        "wiener": entry(w_fsc, wiener.full.double()),
+        "prior": entry(p_fsc, mean.double())
         | {"samples": args.prior_samples, "steps": args.prior_steps, "guidance": "pigdm"},
         "seconds": {"wiener": t_wiener, "prior": post.seconds["total"]},
         "curves": {
-            f"Wiener, {k} particles": w_fine,
-            f"prior ({pbox}³ grid), {k} particles": p_coarse,
+            f"Wiener, {k} particles": w_fsc,
+            f"prior (sampled on {plan.target_box}³), {k} particles": p_fsc,
         },
     }
 
@@ -254,31 +266,31 @@ def _report(
     if few is not None:
         k, w, pr = few["n_particles"], few["wiener"], few["prior"]
         row_w = (
-            f"| Wiener back-projection | {w['fsc0143_vs_truth_angstrom']:.2f} Å (own "
-            f"{args.box}³ grid: {w['fsc0143_vs_truth_own_grid_angstrom']:.2f} Å) | "
+            f"| Wiener back-projection | {w['fsc0143_vs_truth_angstrom']:.2f} Å | "
+            f"{w['fsc05_vs_truth_angstrom']:.2f} Å | "
             f"{w['masked_correlation_vs_truth']:.3f} | {few['seconds']['wiener']:.0f} |"
         )
         row_p = (
             f"| posterior mean, prior `{few['prior_file']}` | "
-            f"{pr['fsc0143_vs_truth_angstrom']:.2f} Å | "
+            f"{pr['fsc0143_vs_truth_angstrom']:.2f} Å | {pr['fsc05_vs_truth_angstrom']:.2f} Å | "
             f"{pr['masked_correlation_vs_truth']:.3f} | {few['seconds']['prior']:.0f} |"
         )
         few_txt = f"""
 ## Few particles: Wiener vs the learned prior
 
-From only the first {k} particles (same SNR), scored against the ground truth on the
-prior's grid ({few["prior_grid"]}; the truth and the Wiener map Fourier-cropped to it, so
-{few["prior_nyquist_angstrom"]:g} Å, its Nyquist, is the best either can reach there):
+From only the first {k} particles (same SNR), both scored against the ground truth on
+the particles' own grid ({few["scored_on"]}), same mask; the posterior was sampled on
+{few["prior_grid"]}:
 
-| method | FSC 0.143 vs ground truth | masked CC vs truth | seconds |
-|---|---|---|---|
+| method | FSC 0.143 vs truth | FSC 0.5 vs truth | masked CC vs truth | seconds |
+|---|---|---|---|---|
 {row_w}
 {row_p}
 
 Posterior mean of {pr["samples"]} samples ({pr["guidance"]} guidance, {pr["steps"]} DDIM
 steps); its per-voxel spread is `prior_{k}_std.mrc`. Intensity scale
 {few["intensity_scale"]:.4g} (from the images' DC terms and the sequence's mass, never from
-the truth). Maps: `wiener_{k}_map.mrc`, `prior_{k}_map.mrc`, `ground_truth_prior_grid.mrc`.
+the truth). Maps: `wiener_{k}_map.mrc`, `prior_{k}_map.mrc`.
 """
     return f"""# cryoprior demo
 

@@ -6,14 +6,17 @@ correction. One pass over the images fills two half-set grids (random half split
 (as RELION does). Writes map.mrc, half1.mrc, half2.mrc, fsc_halves.json/.png and
 reconstruct.json. Images are streamed from disk in batches.
 
-With --prior PRIOR (a density-map diffusion prior, e.g. the shipped
-src/cryoprior/assets/priors/volume_32): diffusion posterior sampling at the known poses.
-The particles must span the prior's physical box; finer pixel sizes are Fourier-cropped
-to the prior's, anything else is refused. The intensity scale comes from the images' DC
-terms and the molecule's mass (--mass-kda or --sequence), or is given (--intensity-scale).
-Writes map.mrc (posterior mean, at the prior's pixel size), std.mrc (per-voxel spread
-over --samples samples), sample_NNN.mrc with --write-samples, and reconstruct.json.
-Guidance pigdm (default), dps_x0, pigdm_dc or dps; 30 DDIM steps by default.
+With --prior [PRIOR] (a density-map diffusion prior; --prior alone takes the shipped
+native-resolution prior volume_native, 1.5 Å/px, any box): diffusion posterior sampling
+at the known poses. A fully convolutional prior (volume_native) works on the particles'
+own box, Fourier-cropped or -padded to its pixel size (within limits: the error says what
+to do); a fixed-box prior (volume_32, 32³ at 3 Å/px, the coarse one) needs the
+particles to span its physical box. The intensity scale comes from the images' DC terms
+and the molecule's mass (--mass-kda or --sequence), or is given (--intensity-scale).
+Writes map.mrc (posterior mean) and std.mrc (per-voxel spread over --samples samples) on
+the particles' box and pixel size, sample_NNN.mrc with --write-samples, and
+reconstruct.json. Guidance pigdm (default), dps_x0, pigdm_dc or dps; 30 DDIM steps by
+default.
 
 With --prior PRIOR a point-cloud (Cα) diffusion prior (e.g. calpha_prior): the Cα cloud of
 a segment of N residues (--n-residues, or --sequence), each residue a Gaussian blob of
@@ -24,8 +27,7 @@ box centre: the frame of the maps written here), samples.pdb (one MODEL per samp
 reconstruct.json (with the per-residue spread over the samples).
 
   cryoprior reconstruct particles.star -o rec
-  cryoprior reconstruct particles.star --prior src/cryoprior/assets/priors/volume_32 \\
-      --mass-kda 12 --samples 4 -o rec_prior
+  cryoprior reconstruct particles.star --prior --mass-kda 12 --samples 4 -o rec_prior
   cryoprior reconstruct particles.star --prior calpha_prior --n-residues 58 -o rec_ca
 """
 
@@ -49,6 +51,8 @@ from cryoprior.physics.source import ParticleSource
 from cryoprior.solvers.backprojection import reconstruct_source
 from cryoprior.solvers.dps import GUIDANCES
 
+#: the prior of a bare --prior
+DEFAULT_VOLUME_PRIOR = "volume_native"
 #: defaults of --steps and --guidance with a density-map prior
 VOLUME_STEPS = 30
 VOLUME_GUIDANCE = "pigdm"
@@ -75,9 +79,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prior-guided reconstruction (--prior)")
     g.add_argument(
         "--prior",
+        nargs="?",
+        const=DEFAULT_VOLUME_PRIOR,
         help="prior folder (prior.json + weights) or shipped name: a density-map prior "
-        "(writes map.mrc) or a point-cloud Cα prior (writes model.pdb; needs --n-residues "
-        "or --sequence)",
+        f"(writes map.mrc; --prior alone: {DEFAULT_VOLUME_PRIOR}, 1.5 Å/px, any box; "
+        "volume_32: the coarse 32³ at 3 Å/px one) or a point-cloud Cα prior (writes "
+        "model.pdb; needs --n-residues or --sequence)",
     )
     g.add_argument("--mass-kda", type=float, help="molecular mass of the particle (kDa)")
     g.add_argument("--sequence", help="protein sequence (one-letter) or a FASTA file")
@@ -197,11 +204,12 @@ def _main_prior(args: argparse.Namespace, source: ParticleSource) -> int:
         show_progress=not args.quiet,
     )
     out = output_dir(args.out)
-    px = result.pixel_size
-    write_map(out / "map.mrc", Volume(result.mean.float(), px))
-    write_map(out / "std.mrc", Volume(result.std.float(), px))
+    mean, std, samples = result.on_particle_grid()
+    px = source.pixel_size
+    write_map(out / "map.mrc", Volume(mean.float(), px))
+    write_map(out / "std.mrc", Volume(std.float(), px))
     if args.write_samples:
-        for i, sample in enumerate(result.samples):
+        for i, sample in enumerate(samples):
             write_map(out / f"sample_{i:03d}.mrc", Volume(sample.float(), px))
     write_json(
         out / "reconstruct.json",
@@ -210,8 +218,9 @@ def _main_prior(args: argparse.Namespace, source: ParticleSource) -> int:
             args,
             method="prior",
             n_particles=len(source),
-            box=int(result.mean.shape[-1]),
+            box=int(mean.shape[-1]),
             pixel_size=px,
+            prior_grid={"box": int(result.mean.shape[-1]), "pixel_size": result.pixel_size},
             grid=result.info["grid"],
             noise_sigma=result.info["noise_sigma"],
             intensity_scale=result.scale.to_dict(),

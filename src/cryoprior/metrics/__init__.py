@@ -1,5 +1,6 @@
 """cryoprior.metrics: FSC/FRC and resolution, correlation, structure and image metrics."""
 
+from cryoprior.metrics.calibration import expected_coverage, spread_calibration
 from cryoprior.metrics.correlation import masked_correlation
 from cryoprior.metrics.fsc import (
     FSCResult,
@@ -13,6 +14,7 @@ from cryoprior.metrics.structure import kabsch_rmsd, radius_of_gyration, rmsd
 
 __all__ = [
     "FSCResult",
+    "expected_coverage",
     "fsc",
     "kabsch_rmsd",
     "masked_correlation",
@@ -23,5 +25,6 @@ __all__ = [
     "rmsd",
     "rotation_invariant_error",
     "spherical_mask",
+    "spread_calibration",
     "ssim",
 ]

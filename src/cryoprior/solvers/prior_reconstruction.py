@@ -9,18 +9,12 @@ Pipeline (:func:`reconstruct_with_prior`):
    size is Fourier-cropped, a larger box cropped first). What does not fit is refused
    with an error that says what to do. Never a silent mis-scaling.
 2. **Sufficient statistics** (:mod:`cryoprior.solvers.fourier_data`). One streamed pass
-   over the particles (:func:`accumulate_particles`) re-centres them for their shifts
-   and inserts CTF·F̂ and CTF² into padded 3-D Fourier grids (exactly as the Wiener
-   baseline does), and measures the noise σ (background pixels outside a radius) and each image's pixel
-   sum and CTF(0). For white Gaussian noise the log-likelihood of the images at known
-   poses is, up to a constant and within the gridding approximation of the
-   Fourier-slice interpolation, −κ Σ_k W(k) |X(k) − N(k)/W(k)|² / (2σ²), with X the
-   padded 3-D spectrum of the map, N the inserted CTF·F̂ and W the inserted CTF². The
-   constant κ (DFT normalisation and zero-padding) is calibrated numerically against
-   the exact projection ∘ CTF operator on a subset of the images
-   (:func:`calibrate_fourier_likelihood`), so the likelihood has the right weight
-   against the prior. Its cost per evaluation is two FFTs of the padded grid, whatever
-   the number of images: 1000 images cost what 3 do.
+   over the particles (:func:`accumulate_particles`) inserts CTF·F̂ and CTF² into padded
+   3-D Fourier grids, as the Wiener baseline does, and measures the noise σ and the
+   images' DC terms. They define the Gaussian likelihood of the images at known poses
+   (:class:`FourierLikelihoodOperator`, its weight κ calibrated against the exact
+   projection ∘ CTF operator); one evaluation costs two FFTs of the padded grid,
+   whatever the number of images.
 3. **Scale.** The measurement's intensity unit is fixed from the measurement
    (:func:`~cryoprior.physics.operators.estimate_map_integral`, the images' DC terms)
    and the molecule's mass (:mod:`cryoprior.physics.composition`), never from a ground
@@ -130,6 +124,16 @@ class PriorReconstruction:
     dps: DPSResult
     seconds: dict[str, float]
     info: dict[str, Any]
+    plan: GridPlan | None = None
+
+    def on_particle_grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, std, samples) on the particles' box and pixel size (``plan.map_back``
+        of every sample; the same tensors when the grids agree)."""
+        if self.plan is None or self.plan.identity:
+            return self.mean, self.std, self.samples
+        samples = self.plan.map_back(self.samples)
+        std = samples.std(dim=0) if samples.shape[0] > 1 else torch.zeros_like(samples[0])
+        return samples.mean(dim=0), std, samples
 
 
 def check_volume_prior(prior: Prior) -> None:
@@ -247,6 +251,7 @@ def reconstruct_with_prior(
             "kappa": data.kappa,
             "kappa_spread": data.info.get("kappa_spread"),
         },
+        plan=data.plan,
     )
 
 
