@@ -168,6 +168,7 @@ def run_cell(prior, full, n, truth, truth_b, px, scale, masks, args) -> dict:
         n_steps=args.steps,
         n_samples=args.samples,
         n_inner=args.n_inner,
+        guidance=args.guidance,
         data=data,
         seed=0,
     )
@@ -309,6 +310,7 @@ def run_large(prior, rec, args, work: Path) -> dict:
         n_steps=args.steps,
         n_samples=args.large_samples,
         n_inner=args.n_inner,
+        guidance=args.guidance,
         data=data,
         seed=0,
     )
@@ -505,9 +507,10 @@ def main() -> None:
     ap.add_argument("--box", type=int, default=64)
     ap.add_argument("--pixel-size", type=float, default=1.5)
     ap.add_argument("--envelope", type=float, default=60.0, help="image B envelope, Å²")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", default="pigdm_dc")
     ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--n-inner", type=int, default=10)
+    ap.add_argument("--n-inner", type=int, default=5)
     ap.add_argument("--pnp-iter", type=int, default=8)
     ap.add_argument("--large", action="store_true", help="also one run at --large-box³")
     ap.add_argument("--large-only", action="store_true", help="only the large-box run")

@@ -117,7 +117,9 @@ def test_fourier_likelihood_range_normal_diagonal_is_exact(tiny_particles):
     assert diag.shape == op.range_shape
     dp = op.dp
     # generic frequencies (not self-conjugate) with W > 0, real and imaginary parts
-    for idx in [(3, 5, 7, 0), (dp // 2 + 2, dp // 2 - 3, dp // 2 + 1, 1), (10, 20, 30, 0)]:
+    # (uncentred half-spectrum layout: kx ∈ [0, Dp/2], the other axes wrap)
+    for idx in [(3, 5, 7, 0), (dp - 2, 3, 1, 1), (dp - 10, 12, 4, 0), (6, dp - 7, 0, 1)]:
+        assert float(diag[idx]) > 0
         e = torch.zeros(op.range_shape, dtype=torch.float64)
         e[idx] = 1.0
         exact = float(op.apply(op.apply_adjoint(e))[idx])

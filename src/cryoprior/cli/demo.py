@@ -37,6 +37,7 @@ from cryoprior.physics.composition import protein_mass_kda
 from cryoprior.physics.simulator import SimulationConfig, simulate_particles, volume_from_file
 from cryoprior.physics.source import ParticleSource
 from cryoprior.solvers.backprojection import reconstruct_source
+from cryoprior.solvers.prior_reconstruction import DEFAULT_GUIDANCE
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -68,7 +69,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="density-map prior: a shipped name or a prior folder (default volume_native, "
         "1.5 Å/px, any box; volume_32 is the coarse 32³ at 3 Å/px one)",
     )
-    p.add_argument("--prior-steps", type=int, default=30, help="DDIM steps (default 30)")
+    p.add_argument("--prior-steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument(
         "--prior-samples", type=int, default=4, help="posterior samples averaged (default 4)"
     )
@@ -242,7 +243,7 @@ def _prior_comparison(
         "intensity_scale": scale.value,
         "wiener": entry(w_fsc, wiener.full.double()),
         "prior": entry(p_fsc, mean.double())
-        | {"samples": args.prior_samples, "steps": args.prior_steps, "guidance": "pigdm"},
+        | {"samples": args.prior_samples, "steps": args.prior_steps, "guidance": DEFAULT_GUIDANCE},
         "seconds": {"wiener": t_wiener, "prior": post.seconds["total"]},
         "curves": {
             f"Wiener, {k} particles": w_fsc,

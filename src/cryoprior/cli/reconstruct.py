@@ -50,12 +50,13 @@ from cryoprior.metrics.fsc import plot_fsc
 from cryoprior.physics.source import ParticleSource
 from cryoprior.solvers.backprojection import reconstruct_source
 from cryoprior.solvers.dps import GUIDANCES
+from cryoprior.solvers.prior_reconstruction import DEFAULT_GUIDANCE
 
 #: the prior of a bare --prior
 DEFAULT_VOLUME_PRIOR = "volume_native"
 #: defaults of --steps and --guidance with a density-map prior
-VOLUME_STEPS = 30
-VOLUME_GUIDANCE = "pigdm"
+VOLUME_STEPS = 20
+VOLUME_GUIDANCE = DEFAULT_GUIDANCE
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

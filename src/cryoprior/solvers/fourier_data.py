@@ -33,7 +33,7 @@ from cryoprior.physics.operators import (
     ProjectionCTFOperator,
     background_mask,
 )
-from cryoprior.physics.projection import crop_centred, pad_centred, padded_size
+from cryoprior.physics.projection import padded_size
 from cryoprior.physics.source import ParticleSource
 from cryoprior.solvers.backprojection import complete_grids, insert_images
 from cryoprior.solvers.grid_plan import GridPlan, grid_plan
@@ -193,27 +193,59 @@ def accumulate_particles(
 
 
 class FourierLikelihoodOperator(LinearOperator):
-    """x (*batch, D, D, D) -> √(κW) · X as real pairs (*batch, Dp, Dp, Dp, 2).
+    """x (*batch, D, D, D) -> √(κW) · X as real pairs (*batch, Dp, Dp, Dp//2 + 1, 2).
 
-    X = FFT(pad(g · x)) is the map's padded, centred spectrum (g the gridding profile of
-    the insertion kernel, so that the Wiener map is g⁻¹ · crop(IFFT(N/W))). With
+    X = FFT(pad(g · x)) is the map's zero-padded spectrum (g the gridding profile of the
+    insertion kernel, so that the Wiener map is g⁻¹ · crop(IFFT(N/W))). With
     :meth:`measurement` ỹ = √κ · N/√W, ‖ỹ − B x‖² = κ Σ W |X − N/W|²: the images' squared
     residual at known poses, up to a constant, in the gridding approximation.
+
+    The measurement space holds the non-redundant half of the Hermitian spectrum in the
+    FFT's own (uncentred) order: a real-to-complex FFT of the padded map with no shifts,
+    the map's origin (voxel D//2) carried by a phase, and the columns 0 < kₓ < Dp/2 weighted
+    by √2 so that the squared norm over the half equals the one over the whole spectrum.
+    One forward and one adjoint cost one real FFT each of the padded grid.
     """
 
     def __init__(self, data: FourierData) -> None:
         self.data = data
         self.size = data.size
         self.dp = data.numerator.shape[-1]
+        dp, half = self.dp, self.dp // 2 + 1
         self.domain_shape = (self.size,) * 3
-        self.range_shape = (self.dp,) * 3 + (2,)
-        self._sqrt_w = torch.sqrt(data.weight.clamp_min(0.0) * data.kappa)
+        self.range_shape = (dp, dp, half, 2)
+        kx = torch.arange(half)
+        interior = (kx >= 1) & (2 * kx != dp)
+        self._m2 = torch.where(interior, 2.0, 1.0).to(torch.float64)  # column weights m²
+        w_half = self._to_half(data.weight.clamp_min(0.0) * data.kappa)
+        self._w_half = w_half
         self._g = gridding_correction(
-            self.size, self.dp, 3, data.kernel, torch.float64, data.weight.device
+            self.size, dp, 3, data.kernel, torch.float64, data.weight.device
         )
+        # phase of the map's origin (voxel D//2 of a map zero-padded at the end)
+        c = self.size // 2
+        full = torch.exp(2j * math.pi * c * torch.arange(dp, dtype=torch.float64) / dp)
+        phase = full[:, None, None] * full[None, :, None] * full[None, None, :half]
+        q = torch.sqrt(w_half) * torch.sqrt(self._m2) * phase
+        self._q = q  # forward factor  m · √(κW) · phase
+        # adjoint factor: conj(q) · h · Dp³, h = ½ on the doubled columns (irfftn counts them
+        # twice), 1 on the self-conjugate planes
+        self._qa = torch.conj(q) * (float(dp) ** 3 / self._m2)
+        self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def _to_half(self, full_centred: torch.Tensor) -> torch.Tensor:
+        """A centred full (Dp, Dp, Dp) grid in the measurement layout (uncentred half)."""
+        return torch.fft.ifftshift(full_centred, dim=(-3, -2, -1))[..., : self.dp // 2 + 1]
+
+    def _cast(self, name: str, like: torch.Tensor, complex_: bool) -> torch.Tensor:
+        dtype = complex_dtype(like.dtype) if complex_ else like.dtype
+        key = (name, dtype, like.device)
+        if key not in self._cache:
+            self._cache[key] = getattr(self, name).to(device=like.device, dtype=dtype)
+        return self._cache[key]
 
     def measurement(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """ỹ = √κ · N / √W (0 where W = 0), real pairs (Dp, Dp, Dp, 2)."""
+        """ỹ = √κ · N / √W (0 where W = 0) in the measurement layout, real pairs."""
         w = self.data.weight
         safe = torch.where(w > 0, w, torch.ones_like(w))
         y = torch.where(
@@ -221,28 +253,63 @@ class FourierLikelihoodOperator(LinearOperator):
             self.data.numerator * math.sqrt(self.data.kappa) / torch.sqrt(safe),
             torch.zeros_like(self.data.numerator),
         )
-        return torch.view_as_real(y).to(dtype)
+        y_half = self._to_half(y) * torch.sqrt(self._m2)
+        return torch.view_as_real(y_half.contiguous()).to(dtype)
 
     def range_normal_diagonal(self) -> torch.Tensor:
-        """diag(B Bᵀ) on the real-pair measurement space, (Dp, Dp, Dp, 2): κW · Σ g²/2.
+        """diag(B Bᵀ) on the real-pair measurement space: m² κW · Σ g²/2.
 
         Each spectral coefficient sees the whole (gridding-weighted) box, and a real map's
         real and imaginary parts share that energy equally (exact away from the
         self-conjugate frequencies) — the Jacobi preconditioner of Π-GDM's solve."""
         energy = float((self._g**2).sum()) / 2.0
-        d = (self._sqrt_w**2) * energy
+        d = self._w_half * self._m2 * energy
         return torch.stack([d, d], dim=-1)
 
+    def _normal_spectrum(self) -> torch.Tensor:
+        """λ(k) on the map's own rfft grid (D, D, D//2 + 1): BᵀB ≈ F⁻¹ diag(λ) F.
+
+        A plane wave of the D-box has its padded spectrum concentrated within ±Dp/D bins of
+        frequency k·Dp/D, so λ(k) ≈ Dp³ · mean(g²) · κW averaged over those bins."""
+        if "_lam" not in self.__dict__:
+            dp, d = self.dp, self.size
+            w = torch.fft.ifftshift(self.data.weight.clamp_min(0.0) * self.data.kappa)
+            r = max(1, int(math.ceil(dp / d)))
+            tri = torch.cat([torch.arange(1, r + 1), torch.arange(r - 1, 0, -1)]).double()
+            tri = tri / tri.sum()
+            for axis in range(3):
+                spec = torch.fft.fft(w, dim=axis)
+                kern = torch.zeros(dp, dtype=torch.float64)
+                kern[: tri.numel()] = tri
+                kern = torch.roll(kern, -(r - 1))
+                shape = [1, 1, 1]
+                shape[axis] = dp
+                w = torch.fft.ifft(spec * torch.fft.fft(kern).reshape(shape), dim=axis).real
+            k = torch.fft.fftfreq(d, dtype=torch.float64) * d
+            idx = torch.round(k * dp / d).long() % dp
+            idx_h = idx[: d // 2 + 1]
+            sampled = w[idx][:, idx][:, :, idx_h]
+            self._lam = sampled.clamp_min(0.0) * float(dp) ** 3 * float((self._g**2).mean())
+        return self._lam
+
+    def approx_normal_inverse(self, v: torch.Tensor, a: float, b: float) -> torch.Tensor:
+        """≈ (a I + b BᵀB)⁻¹ v for maps v (*batch, D, D, D): a Fourier-diagonal
+        preconditioner on the map's grid (:meth:`_normal_spectrum`)."""
+        lam = self._normal_spectrum().to(device=v.device, dtype=v.dtype)
+        dims = (-3, -2, -1)
+        spec = torch.fft.rfftn(v, dim=dims) / (a + b * lam)
+        return torch.fft.irfftn(spec, s=v.shape[-3:], dim=dims)
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        g = self._g.to(device=x.device, dtype=x.dtype)
-        spec = fft3_c(pad_centred(x * g, self.dp, 3))
-        out = spec * self._sqrt_w.to(device=x.device, dtype=x.dtype)
-        return torch.view_as_real(out.contiguous())
+        g = self._cast("_g", x, False)
+        spec = torch.fft.rfftn(x * g, s=(self.dp,) * 3, dim=(-3, -2, -1))
+        return torch.view_as_real(spec * self._cast("_q", x, True))
 
     def apply_adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        spec = torch.view_as_complex(y.contiguous()) * self._sqrt_w.to(y.device, y.dtype)
-        back = ifft3_c(spec).real * float(self.dp**3)
-        return crop_centred(back, self.size, 3) * self._g.to(device=y.device, dtype=y.dtype)
+        spec = torch.view_as_complex(y.contiguous()) * self._cast("_qa", y, True)
+        back = torch.fft.irfftn(spec, s=(self.dp,) * 3, dim=(-3, -2, -1))
+        d = self.size
+        return back[..., :d, :d, :d] * self._cast("_g", y, False)
 
 
 @torch.no_grad()

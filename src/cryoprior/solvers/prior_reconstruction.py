@@ -164,6 +164,13 @@ def prior_grid_plan(prior: Prior, box: int, pixel_size: float) -> GridPlan:
     return grid_plan(box, pixel_size, meta.spatial_shape[0], px)
 
 
+#: guidance of a density-map reconstruction: Π-GDM with a proximal data-consistency
+#: step (finer than plain Π-GDM at every N of benchmarks/native_reconstruction.py)
+DEFAULT_GUIDANCE = "pigdm_dc"
+#: CG iterations of each guidance solve (the preconditioned solve converges in fewer)
+DEFAULT_N_INNER = 5
+
+
 def reconstruct_with_prior(
     source: ParticleSource,
     prior: Prior,
@@ -171,13 +178,13 @@ def reconstruct_with_prior(
     mass_kda: float | None = None,
     intensity: float | None = None,
     indices: np.ndarray | None = None,
-    guidance: str = "pigdm",
+    guidance: str = DEFAULT_GUIDANCE,
     sampler: str = "ddim",
     n_steps: int = 50,
     n_samples: int = 1,
     eta: float = 0.5,
     zeta: float = 1.0,
-    n_inner: int = 10,
+    n_inner: int = DEFAULT_N_INNER,
     pad: float = 2.0,
     seed: int = 0,
     data: FourierData | None = None,
