@@ -19,8 +19,9 @@ Methods, all at the known poses and CTFs, all on the same 64³ grid at 1.5 Å/px
   reg     smoothness-regularised least squares, weight by the discrepancy principle;
   pnp     the prior's network as a plain denoiser between data-consistency CG solves
           (half-quadratic splitting, DPIR/Blush-style; ``solvers.map_baselines``);
-  prior   diffusion posterior sampling with the native prior (Π-GDM, DDIM), the mean of
-          --samples samples, and their per-voxel spread.
+  prior   diffusion posterior sampling with the native prior (--guidance, default
+          "pigdm_dc": Π-GDM plus a proximal data-consistency step; DDIM, --steps 20),
+          the mean of --samples samples, and their per-voxel spread.
 The intensity scale for pnp and prior comes from the DC terms of the acquisition's images
 and the mass from the sequence (never from the ground truth).
 

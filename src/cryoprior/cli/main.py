@@ -20,6 +20,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("simulate", "cryoprior.cli.simulate"),
     ("reconstruct", "cryoprior.cli.reconstruct"),
     ("fsc", "cryoprior.cli.fsc"),
+    ("denoise", "cryoprior.cli.denoise"),
     ("train", "cryoprior.cli.train"),
     ("sample", "cryoprior.cli.sample"),
     ("data", "cryoprior.cli.data"),

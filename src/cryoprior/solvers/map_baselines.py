@@ -25,7 +25,7 @@ from cryoprior.core.errors import require, require_positive
 from cryoprior.diffusion import per_sample_time
 from cryoprior.geometry.fft import ifft3_c
 from cryoprior.physics.fourier_slice import gridding_correction
-from cryoprior.physics.operators import ScaledLinearOperator
+from cryoprior.physics.operators import LinearOperator, ScaledLinearOperator
 from cryoprior.physics.projection import crop_centred
 from cryoprior.priors import Prior
 from cryoprior.solvers.fourier_data import FourierData, FourierLikelihoodOperator
@@ -122,18 +122,50 @@ def denoiser_plug_and_play(
     sigma_min: float = 0.05,
     n_inner: int = 20,
 ) -> PlugAndPlayMap:
+    """:func:`plug_and_play` with the particles' Fourier likelihood (``data`` calibrated;
+    ``intensity_scale`` c from :func:`~cryoprior.solvers.prior_reconstruction.
+    intensity_scale`, never from a truth)."""
+    op = FourierLikelihoodOperator(data)
+    result = plug_and_play(
+        prior,
+        op,
+        op.measurement(torch.float32),
+        float(data.noise_sigma),
+        intensity_scale,
+        n_iter=n_iter,
+        sigma_max=sigma_max,
+        sigma_min=sigma_min,
+        n_inner=n_inner,
+    )
+    result.pixel_size = data.pixel_size
+    return result
+
+
+@torch.no_grad()
+def plug_and_play(
+    prior: Prior,
+    op: LinearOperator,
+    y: torch.Tensor,
+    noise_sigma: float,
+    intensity_scale: float,
+    *,
+    n_iter: int = 8,
+    sigma_max: float = 1.0,
+    sigma_min: float = 0.05,
+    n_inner: int = 20,
+) -> PlugAndPlayMap:
     """Half-quadratic splitting with the prior's network as a denoiser.
 
-    In network units (x_phys = scale · x, measurement = c · A(x_phys)), starting from the
-    data solve around 0 with the prior's unit variance, for σ̃ on a geometric ladder
-    ``sigma_max`` → ``sigma_min`` (``n_iter`` levels):
+    In network units (x_phys = scale · x, measurement y = c · A(x_phys) + noise of σ
+    ``noise_sigma``), starting from the data solve around 0 with the prior's unit
+    variance, for σ̃ on a geometric ladder ``sigma_max`` → ``sigma_min`` (``n_iter``
+    levels):
 
         z = D(α_t x, t)  with σ_t/α_t = σ̃            (denoise x as if it carried noise σ̃)
         x = argmin ‖y − A x‖²/σ² + ‖x − z‖²/σ̃²       (data consistency, ``n_inner`` CG)
 
-    ``intensity_scale`` is c (from :func:`~cryoprior.solvers.prior_reconstruction.
-    intensity_scale`, never from a truth); ``data`` must be calibrated. Cost: ``n_iter``
-    network evaluations (no backward pass) and ``n_iter + 1`` CG solves.
+    Cost: ``n_iter`` network evaluations (no backward pass) and ``n_iter + 1`` CG solves.
+    The map is in measurement units per voxel; ``pixel_size`` is the prior's.
     """
     require(int(n_iter) >= 1, f"n_iter must be >= 1, got {n_iter}")
     require(0 < sigma_min <= sigma_max, "need 0 < sigma_min <= sigma_max")
@@ -141,13 +173,11 @@ def denoiser_plug_and_play(
     t0 = time.perf_counter()
     norm = prior.metadata.normalisation
     scale, offset = float(norm["scale"]), float(norm["offset"])
-    op = FourierLikelihoodOperator(data)
     a = ScaledLinearOperator(op, gain * scale)
-    y = op.measurement(torch.float32)
     if offset != 0.0:
-        ones = torch.full(op.domain_shape, offset, dtype=torch.float32)
+        ones = torch.full(op.domain_shape, offset, dtype=y.dtype)
         y = y - gain * op.forward(ones)
-    s2 = float(data.noise_sigma) ** 2
+    s2 = float(noise_sigma) ** 2
     rhs_data = a.adjoint(y)[None, None] / s2  # (1, 1, D, D, D)
 
     def prox(z: torch.Tensor, r2: float) -> torch.Tensor:
@@ -169,7 +199,7 @@ def denoiser_plug_and_play(
     volume = (scale * x[0, 0] + offset) * gain
     return PlugAndPlayMap(
         map=volume,
-        pixel_size=data.pixel_size,
+        pixel_size=float(prior.metadata.pixel_size or 0.0),
         sigmas=sigmas,
         seconds=time.perf_counter() - t0,
         info={"n_iter": int(n_iter), "n_inner": int(n_inner), "method": "HQS (DPIR-style)"},
@@ -180,5 +210,6 @@ __all__ = [
     "PlugAndPlayMap",
     "RegularizedMap",
     "denoiser_plug_and_play",
+    "plug_and_play",
     "smoothness_regularized",
 ]
