@@ -10,11 +10,21 @@ Writes, in -o: denoised.mrc (posterior mean), denoised_std.mrc (spread), lowpass
 style: FSC-weighted, Guinier B sharpened, low-passed), with --mask also
 denoised_masked.mrc; fsc_halves.png; denoise.json (half-map FSC resolutions, the
 B-factor, the intensity scale, timings, the run's arguments).
+
+With --angles particles.star (the particles behind the halves, with their poses), the
+Fourier regions that no view measured (the missing cone of a preferred orientation) get
+no likelihood weight and are filled by the prior; the noise spectrum is measured on the
+measured region only.
+
+  cryoprior denoise half1.mrc half2.mrc --sequence seq.fasta -o den
+  cryoprior denoise half1.mrc half2.mrc --mass-kda 40 --angles run_data.star -o den
 """
 
 from __future__ import annotations
 
 import argparse
+
+import torch
 
 from cryoprior.cli._common import add_common_args, output_dir, run_record, write_json
 from cryoprior.core.containers import Volume
@@ -37,6 +47,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--prior",
         default=DEFAULT_PRIOR,
         help=f"density-map prior folder or shipped name (default {DEFAULT_PRIOR})",
+    )
+    p.add_argument(
+        "--angles",
+        metavar="STAR",
+        help="the particles behind the half maps (RELION STAR with poses): Fourier regions "
+        "no view measured (a missing cone from preferred orientation) are left to the prior",
     )
     p.add_argument("--mass-kda", type=float, help="molecular mass in the box (kDa)")
     p.add_argument("--sequence", help="protein sequence (one-letter) or a FASTA file")
@@ -86,6 +102,19 @@ def _read_inputs(args: argparse.Namespace) -> tuple[Volume, Volume, Volume | Non
     return h1, h2, mask
 
 
+def _read_views(path: str) -> torch.Tensor:
+    """Pose matrices (n, 3, 3) of the particles in a STAR file; refused without poses."""
+    from cryoprior.io.star import read_particles
+
+    particles = read_particles(path)
+    if not particles.has_poses or len(particles) == 0:
+        raise InputError(
+            f"{path} has no particle poses (rlnAngleRot/Tilt/Psi): --angles needs the "
+            "refined particles of the half maps (e.g. run_data.star)"
+        )
+    return particles.rotation_matrices()
+
+
 def main(args: argparse.Namespace) -> int:
     """Denoise, run the baselines, write the maps and the record."""
     from cryoprior.cli.reconstruct_calpha import read_sequence
@@ -104,6 +133,7 @@ def main(args: argparse.Namespace) -> int:
     prior = load_prior(args.prior)
     check_volume_prior(prior)
     mass = protein_mass_kda(read_sequence(args.sequence)) if args.sequence else args.mass_kda
+    views = _read_views(args.angles) if args.angles else None
     px = h1.pixel_size
     a, b = h1.data.double(), h2.data.double()
     noise = half_map_noise(a, b, px)  # on the input's grid, for the baselines
@@ -117,6 +147,7 @@ def main(args: argparse.Namespace) -> int:
         prior,
         mass_kda=mass,
         intensity=args.intensity_scale,
+        view_rotations=views,
         guidance=args.guidance,
         n_steps=args.steps,
         n_samples=args.samples,

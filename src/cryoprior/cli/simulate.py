@@ -72,6 +72,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="in-plane shifts uniform in [-s, s] Å (default 0)",
     )
+    p.add_argument(
+        "--max-tilt",
+        type=float,
+        default=None,
+        help="preferred orientation: only views within this angle (degrees) of the map's "
+        "z axis, leaving a Fourier cone of half-angle 90 - MAX_TILT unmeasured "
+        "(default: uniform poses)",
+    )
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("-o", "--out", default="simulation", help="output folder")
     add_common_args(p)
@@ -98,6 +106,7 @@ def main(args: argparse.Namespace) -> int:
         bfactor=args.bfactor,
         envelope_bfactor=args.envelope_bfactor,
         max_shift=args.max_shift,
+        max_tilt=args.max_tilt,
         seed=args.seed,
         chunk_size=args.chunk_size,
     )

@@ -4,6 +4,8 @@ from cryoprior.metrics.calibration import expected_coverage, spread_calibration
 from cryoprior.metrics.correlation import masked_correlation
 from cryoprior.metrics.fsc import (
     FSCResult,
+    cone_fsc,
+    cone_mask,
     fsc,
     plot_fsc,
     resolution_from_curve,
@@ -14,6 +16,8 @@ from cryoprior.metrics.structure import kabsch_rmsd, radius_of_gyration, rmsd
 
 __all__ = [
     "FSCResult",
+    "cone_fsc",
+    "cone_mask",
     "expected_coverage",
     "fsc",
     "kabsch_rmsd",

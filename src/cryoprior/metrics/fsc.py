@@ -142,13 +142,18 @@ def spherical_mask(
 
 
 def fsc(
-    map1: torch.Tensor, map2: torch.Tensor, pixel_size: float, mask: torch.Tensor | None = None
+    map1: torch.Tensor,
+    map2: torch.Tensor,
+    pixel_size: float,
+    mask: torch.Tensor | None = None,
+    fourier_mask: torch.Tensor | None = None,
 ) -> FSCResult:
     """Fourier shell correlation of two cubic maps (or ring correlation of square images).
 
     Rank-agnostic: 3-D maps [z, y, x] give an FSC, 2-D images [y, x] an FRC. ``mask``
-    (same shape, soft values allowed) multiplies both inputs in real space first.
-    Computed in float64.
+    (same shape, soft values allowed) multiplies both inputs in real space first;
+    ``fourier_mask`` (bool, the centred spectrum's shape) keeps only those Fourier voxels
+    in every shell (e.g. a cone: :func:`cone_fsc`). Computed in float64.
     """
     pixel_size = require_positive(pixel_size, "pixel size (Å/px)")
     a = torch.as_tensor(map1).to(torch.float64)
@@ -169,6 +174,13 @@ def fsc(
     shells = shell_indices(tuple(a.shape), device=a.device).reshape(-1)
     n_shells = n // 2 + 1
     keep = shells < n_shells
+    if fourier_mask is not None:
+        fm = torch.as_tensor(fourier_mask, device=a.device)
+        if tuple(fm.shape) != tuple(a.shape):
+            raise InputError(
+                f"fourier_mask shape {tuple(fm.shape)} differs from the maps' {tuple(a.shape)}"
+            )
+        keep = keep & fm.reshape(-1).bool()
     idx = shells[keep]
 
     def shell_sum(values: torch.Tensor) -> torch.Tensor:
@@ -194,6 +206,29 @@ def fsc(
         nyquist_0143=cap0143,
         nyquist_05=cap05,
     )
+
+
+def cone_mask(size: int, half_angle: float, axis: int = 0) -> torch.Tensor:
+    """Fourier voxels (centred D³ grid) within ``half_angle`` (radians) of the ±``axis``
+    direction (0 = z, the array's first axis), DC included."""
+    c = torch.arange(size, dtype=torch.float64) - size // 2
+    k = torch.meshgrid(c, c, c, indexing="ij")
+    r = torch.sqrt(k[0] ** 2 + k[1] ** 2 + k[2] ** 2)
+    return (k[axis].abs() >= r * math.cos(half_angle)) | (r == 0)
+
+
+def cone_fsc(
+    map1: torch.Tensor,
+    map2: torch.Tensor,
+    pixel_size: float,
+    half_angle: float,
+    axis: int = 0,
+    mask: torch.Tensor | None = None,
+) -> FSCResult:
+    """Directional FSC: :func:`fsc` over the Fourier voxels within ``half_angle``
+    (radians) of the ±``axis`` direction only (e.g. the missing cone of a preferred
+    orientation)."""
+    return fsc(map1, map2, pixel_size, mask, cone_mask(int(map1.shape[-1]), half_angle, axis))
 
 
 def plot_fsc(

@@ -47,6 +47,11 @@ class SimulationConfig:
     high-resolution signal (motion, charging, radiation damage, the map's own disorder)
     that real particles carry and their metadata does not record. The SNR is measured on
     the images with both applied.
+
+    ``max_tilt`` (degrees; None = uniform poses) draws only views whose direction Rᵀẑ
+    lies within that angle of the map's z axis (uniform on SO(3) otherwise, by rejection):
+    a preferred orientation, which leaves the Fourier cone of half-angle 90° − max_tilt
+    around k_z unmeasured.
     """
 
     n_particles: int
@@ -61,6 +66,7 @@ class SimulationConfig:
     bfactor: float = 0.0
     envelope_bfactor: float = 0.0
     max_shift: float = 0.0
+    max_tilt: float | None = None
     seed: int = 0
     chunk_size: int = 256
     snr_pilot: int = 1000
@@ -85,6 +91,11 @@ class SimulationConfig:
         require(self.cs >= 0, "spherical aberration Cs must be >= 0 mm")
         require(0 <= self.amplitude_contrast <= 1, "amplitude contrast must be in [0, 1]")
         require(int(self.chunk_size) >= 1, "chunk size must be >= 1")
+        if self.max_tilt is not None:
+            require(
+                0 < self.max_tilt <= 90,
+                f"max tilt must be in (0, 90] degrees, got {self.max_tilt}",
+            )
 
 
 @dataclass
@@ -98,6 +109,24 @@ class SimulationResult:
     paths: dict[str, str] = field(default_factory=dict)
 
 
+def draw_rotations(
+    n: int, generator: torch.Generator, max_tilt: float | None = None
+) -> torch.Tensor:
+    """``n`` poses (n, 3, 3) float64, uniform on SO(3), or restricted to view directions
+    Rᵀẑ within ``max_tilt`` degrees of the z axis (rejection from uniform poses)."""
+    if max_tilt is None or max_tilt >= 90:
+        return random_rotations(n, generator, dtype=torch.float64)
+    cos_max = math.cos(math.radians(max_tilt))
+    kept: list[torch.Tensor] = []
+    count = 0
+    while count < n:
+        batch = random_rotations(max(4 * (n - count), 64), generator, dtype=torch.float64)
+        ok = batch[batch[:, 2, 2].abs() >= cos_max]
+        kept.append(ok)
+        count += int(ok.shape[0])
+    return torch.cat(kept)[:n]
+
+
 def draw_particle_parameters(
     config: SimulationConfig, box: int, pixel_size: float
 ) -> tuple[torch.Tensor, np.ndarray, dict[str, np.ndarray]]:
@@ -105,7 +134,7 @@ def draw_particle_parameters(
     n = int(config.n_particles)
     g = torch.Generator().manual_seed(int(config.seed))
     rng = np.random.default_rng(int(config.seed))
-    rotations = random_rotations(n, g, dtype=torch.float64)
+    rotations = draw_rotations(n, g, config.max_tilt)
     shifts = rng.uniform(-config.max_shift, config.max_shift, size=(n, 2))
     defocus = rng.uniform(config.defocus_min, config.defocus_max, size=n)
     astig = rng.uniform(0.0, config.astigmatism, size=n)

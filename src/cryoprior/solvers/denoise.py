@@ -28,7 +28,12 @@ from cryoprior.physics.projection import crop_centred
 from cryoprior.priors import Prior
 from cryoprior.solvers.dps import DPSResult, dps_sample
 from cryoprior.solvers.grid_plan import GridPlan
-from cryoprior.solvers.halfmap import HalfMapLikelihood, HalfMapNoise, half_map_noise
+from cryoprior.solvers.halfmap import (
+    HalfMapLikelihood,
+    HalfMapNoise,
+    half_map_noise,
+    measured_fourier_mask,
+)
 from cryoprior.solvers.prior_reconstruction import (
     DEFAULT_GUIDANCE,
     DEFAULT_N_INNER,
@@ -86,6 +91,7 @@ class DenoisedMap:
     plan: GridPlan
     dps: DPSResult
     seconds: dict[str, float]
+    measured_fraction: float = 1.0
 
     def info(self) -> dict[str, Any]:
         """JSON-ready summary."""
@@ -93,6 +99,7 @@ class DenoisedMap:
             "grid": self.plan.describe(),
             "prior_grid_halves_fsc0143": self.noise.resolution(0.143),
             "prior_grid_halves_fsc05": self.noise.resolution(0.5),
+            "measured_fraction": self.measured_fraction,
             "intensity_scale": self.scale.to_dict(),
             "dps": self.dps.config,
             "seconds": self.seconds,
@@ -108,6 +115,7 @@ def denoise_half_maps(
     mass_kda: float | None = None,
     intensity: float | None = None,
     measured: torch.Tensor | None = None,
+    view_rotations: torch.Tensor | None = None,
     guidance: str = DEFAULT_GUIDANCE,
     n_steps: int = 20,
     n_samples: int = 4,
@@ -119,14 +127,22 @@ def denoise_half_maps(
     """Posterior samples of the map given two half maps (D, D, D) at ``pixel_size`` Å/px.
 
     ``measured`` (rfft layout of the prior's grid, in [0, 1]) down-weights unmeasured
-    Fourier regions (a missing cone); ``guidance``/``n_steps``/``n_inner``/``eta`` are
-    those of :func:`~cryoprior.solvers.dps.dps_sample`."""
+    Fourier regions (a missing cone); or give ``view_rotations`` (n, 3, 3), the poses of
+    the particles behind the half maps (e.g. from their STAR file), and the measured
+    region is the union of their central planes (:func:`~cryoprior.solvers.halfmap.
+    measured_fourier_mask`); the noise spectrum is then measured on that region only.
+    ``guidance``/``n_steps``/``n_inner``/``eta`` are those of
+    :func:`~cryoprior.solvers.dps.dps_sample`."""
     t0 = time.perf_counter()
     half_map_noise(half1, half2, pixel_size)  # validates the inputs on the user's grid
     plan = prior_grid_plan(prior, int(half1.shape[-1]), float(pixel_size))
     g1 = to_prior_grid(half1.to(torch.float64), plan)
     g2 = to_prior_grid(half2.to(torch.float64), plan)
-    noise = half_map_noise(g1, g2, plan.target_pixel_size)
+    if view_rotations is not None:
+        if measured is not None:
+            raise InputError("give either measured or view_rotations, not both")
+        measured = measured_fourier_mask(view_rotations, plan.target_box)
+    noise = half_map_noise(g1, g2, plan.target_pixel_size, measured)
     average = (g1 + g2) / 2
     scale = map_intensity_scale(average, plan.target_pixel_size, mass_kda, intensity)
     op = HalfMapLikelihood(average, noise, measured)
@@ -160,6 +176,7 @@ def denoise_half_maps(
         plan=plan,
         dps=result,
         seconds={"preparation": t1 - t0, "sampling": t2 - t1, "total": t2 - t0},
+        measured_fraction=1.0 if measured is None else float(measured.mean()),
     )
 
 

@@ -100,14 +100,30 @@ def check_half_maps(h1: torch.Tensor, h2: torch.Tensor) -> None:
         )
 
 
-def half_map_noise(h1: torch.Tensor, h2: torch.Tensor, pixel_size: float) -> HalfMapNoise:
-    """The average's noise power, the signal power and the FSC per shell (see module)."""
+def half_map_noise(
+    h1: torch.Tensor,
+    h2: torch.Tensor,
+    pixel_size: float,
+    measured: torch.Tensor | None = None,
+) -> HalfMapNoise:
+    """The average's noise power, the signal power and the FSC per shell (see module).
+
+    ``measured`` (rfft layout (D, D, D//2 + 1), values in [0, 1]; e.g. from
+    :func:`measured_fourier_mask`) weights each Fourier voxel in the shell means, so that
+    an unmeasured region (a missing cone, where both halves are ~0) does not pass for a
+    noise-free one."""
     check_half_maps(h1, h2)
     size = int(h1.shape[-1])
     f1 = torch.fft.rfftn(h1.to(torch.float64), dim=_DIMS, norm="ortho")
     f2 = torch.fft.rfftn(h2.to(torch.float64), dim=_DIMS, norm="ortho")
     shells = rfft_shells(size, f1.device)
     m = rfft_multiplicity(size, f1.device)
+    if measured is not None:
+        require(
+            tuple(measured.shape) == tuple(shells.shape),
+            f"measured must have the rfft shape {tuple(shells.shape)}",
+        )
+        m = m * measured.to(device=f1.device, dtype=torch.float64)
     noise = _shell_mean(((f1 - f2).abs() / 2) ** 2, shells, m)
     cross = _shell_mean((f1 * f2.conj()).real, shells, m)
     p1, p2 = _shell_mean(f1.abs() ** 2, shells, m), _shell_mean(f2.abs() ** 2, shells, m)
@@ -176,6 +192,28 @@ class HalfMapLikelihood(LinearOperator):
         return torch.fft.irfftn(spec, s=self.domain_shape, dim=_DIMS, norm="ortho")
 
 
+def measured_fourier_mask(
+    rotations: torch.Tensor, size: int, thickness: float = 1.0, max_views: int = 4000
+) -> torch.Tensor:
+    """1 where a Fourier voxel of the rfft grid (D, D, D//2 + 1) of a [z, y, x] map lies
+    within ``thickness``/2 voxels of some view's central plane, else 0.
+
+    ``rotations`` (n, 3, 3) are the particles' poses (microscope = R · map coordinates,
+    so the view direction in the map is d = Rᵀẑ, the plane k · d = 0); at most
+    ``max_views`` of them, evenly spaced, are used. DC is always measured."""
+    require(rotations.ndim == 3 and tuple(rotations.shape[1:]) == (3, 3), "need (n, 3, 3) poses")
+    step = max(1, int(rotations.shape[0]) // int(max_views))
+    d = rotations[::step, 2, :].to(torch.float64)  # (v, 3) as (x, y, z)
+    k = torch.fft.fftfreq(size, dtype=torch.float64) * size
+    kz, ky = k[:, None, None], k[None, :, None]
+    kx = k[None, None, : size // 2 + 1].abs()
+    measured = torch.zeros(size, size, size // 2 + 1, dtype=torch.bool)
+    for view in d:
+        dist = (kx * view[0] + ky * view[1] + kz * view[2]).abs()
+        measured |= dist <= 0.5 * thickness
+    return measured.to(torch.float64)
+
+
 def shell_filter(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """x (*batch, D, D, D) with its spectrum multiplied by ``weights`` per shell."""
     size = int(x.shape[-1])
@@ -190,6 +228,7 @@ __all__ = [
     "HalfMapNoise",
     "check_half_maps",
     "half_map_noise",
+    "measured_fourier_mask",
     "rfft_multiplicity",
     "rfft_shells",
     "shell_filter",
