@@ -4,7 +4,10 @@ Default method: Wiener-filtered direct Fourier inversion (back-projection) with 
 correction. One pass over the images fills two half-set grids (random half split by
 --seed); the half maps' FSC gives the per-shell SSNR used to Wiener-filter the full map
 (as RELION does). Writes map.mrc, half1.mrc, half2.mrc, fsc_halves.json/.png and
-reconstruct.json. Images are streamed from disk in batches.
+reconstruct.json. Images are streamed from disk in batches. Under torchrun each process
+streams its own shard of the particles, the Fourier sums are added over the processes
+(gloo on CPU, NCCL with --device cuda: one GPU per process) and rank 0 writes the same
+files one process would; the half split depends only on --seed.
 
 With --prior [PRIOR] (a density-map diffusion prior; --prior alone takes the shipped
 native-resolution prior volume_native, 1.5 Å/px, any box): diffusion posterior sampling
@@ -27,6 +30,7 @@ box centre: the frame of the maps written here), samples.pdb (one MODEL per samp
 reconstruct.json (with the per-residue spread over the samples).
 
   cryoprior reconstruct particles.star -o rec
+  torchrun --nproc_per_node 4 -m cryoprior.cli.main reconstruct particles.star -o rec
   cryoprior reconstruct particles.star --prior --mass-kda 12 --samples 4 -o rec_prior
   cryoprior reconstruct particles.star --prior calpha_prior --n-residues 58 -o rec_ca
 """
@@ -34,6 +38,9 @@ reconstruct.json (with the per-residue spread over the samples).
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+import torch
 
 from cryoprior.cli._common import add_common_args, output_dir, run_record, write_json
 from cryoprior.cli.reconstruct_calpha import (
@@ -44,6 +51,7 @@ from cryoprior.cli.reconstruct_calpha import (
 )
 from cryoprior.cli.reconstruct_mfn import add_mfn_args, run_mfn
 from cryoprior.core.containers import Volume
+from cryoprior.core.errors import require
 from cryoprior.core.runtime import set_threads
 from cryoprior.io.mrc import write_map
 from cryoprior.metrics.fsc import plot_fsc
@@ -51,6 +59,9 @@ from cryoprior.physics.source import ParticleSource
 from cryoprior.solvers.backprojection import reconstruct_source
 from cryoprior.solvers.dps import GUIDANCES
 from cryoprior.solvers.prior_reconstruction import DEFAULT_GUIDANCE
+
+if TYPE_CHECKING:
+    from cryoprior.train.distributed import DistEnv
 
 #: the prior of a bare --prior
 DEFAULT_VOLUME_PRIOR = "volume_native"
@@ -77,6 +88,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--pad", type=float, default=2.0, help="Fourier oversampling (default 2)")
     p.add_argument("--batch-size", type=int, default=512, help="images read per batch")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="device of the Wiener back-projection: cpu (default), cuda, cuda:N or auto; "
+        "under torchrun with CUDA each process takes GPU LOCAL_RANK",
+    )
     g = p.add_argument_group("prior-guided reconstruction (--prior)")
     g.add_argument(
         "--prior",
@@ -117,21 +134,55 @@ def main(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     source = ParticleSource.from_star(args.star)
     source.require_poses("reconstruction")
+    from cryoprior.train.distributed import detect
+
+    require(
+        not detect().distributed or (args.prior is None and args.method == "wiener"),
+        "only the Wiener back-projection (no --prior, --method wiener) runs under torchrun; "
+        "run the others as one process",
+    )
     if args.prior is not None:
         return _main_prior(args, source)
     if args.method == "mfn":
         summary = run_mfn(args, source, output_dir(args.out))
         print(f"MFN reconstruction of {len(source)} particles -> {summary.get('map', args.out)}")
         return 0
-    ssnr = args.ssnr if args.ssnr == "fsc" else float(args.ssnr)
-    result = reconstruct_source(
-        source,
-        ssnr=ssnr,
-        pad=args.pad,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        show_progress=not args.quiet,
+    return _main_wiener(args, source)
+
+
+def _wiener_device(requested: str, env: DistEnv) -> torch.device:
+    """The device of this process (GPU LOCAL_RANK under torchrun with CUDA)."""
+    from cryoprior.train.distributed import training_device
+
+    require(
+        not requested.startswith("cuda") or torch.cuda.is_available(),
+        f"--device {requested}: CUDA is not available; use --device cpu",
     )
+    return training_device(requested, env)
+
+
+def _main_wiener(args: argparse.Namespace, source: ParticleSource) -> int:
+    """Wiener back-projection, sharded over the processes under torchrun; rank 0 writes."""
+    from cryoprior.train import distributed as ddp
+
+    ssnr = args.ssnr if args.ssnr == "fsc" else float(args.ssnr)
+    device = _wiener_device(args.device, ddp.detect())
+    env = ddp.setup(device)
+    try:
+        result = reconstruct_source(
+            source,
+            ssnr=ssnr,
+            pad=args.pad,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=device,
+            distributed=env.distributed,
+            show_progress=not args.quiet and env.is_main,
+        )
+    finally:
+        ddp.cleanup(env)
+    if not env.is_main:
+        return 0
     out = output_dir(args.out)
     px = source.pixel_size
     for name, data in (("map", result.full), ("half1", result.half1), ("half2", result.half2)):
@@ -151,6 +202,8 @@ def main(args: argparse.Namespace) -> int:
             box=source.box,
             pixel_size=px,
             resolution_0143_halves=result.fsc_halves.resolution_0143,
+            processes=env.world_size,
+            device=str(device),
             seconds=result.seconds,
         ),
     )
@@ -171,7 +224,6 @@ def _sequence_mass(text: str) -> float:
 def _main_prior(args: argparse.Namespace, source: ParticleSource) -> int:
     """Posterior sampling with a density-map prior (writes mean, spread and a record), or
     with a point-cloud prior (:func:`~cryoprior.cli.reconstruct_calpha.run_calpha`)."""
-    from cryoprior.core.errors import require
     from cryoprior.priors import load_prior
     from cryoprior.solvers.prior_reconstruction import (
         check_volume_prior,

@@ -26,13 +26,15 @@ given three ways (``ctf`` argument):
 Only one chunk of images, their spectra and interpolation plan are in memory at a time;
 the main cost is the padded grids (a complex and a real Dp³ grid per reconstruction).
 :func:`reconstruct_source` streams a particle set from disk in batches and can set a
-per-shell SSNR from the FSC of its half maps.
+per-shell SSNR from the FSC of its half maps (:func:`solve_half_maps`). Under ``torchrun``
+(``distributed=True``) each process streams its own shard of the particles and the grids
+are summed over the processes (:mod:`cryoprior.solvers.distributed_recon`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -57,6 +59,12 @@ from cryoprior.physics.fourier_slice import (
     rfft2_c,
 )
 from cryoprior.physics.projection import crop_centred, pad_centred, padded_size
+from cryoprior.solvers.distributed_recon import (
+    allreduce_accumulators,
+    process_layout,
+    shard_indices,
+    split_halves,
+)
 
 if TYPE_CHECKING:
     from cryoprior.physics.source import ParticleBatch, ParticleSource
@@ -276,9 +284,11 @@ def _wiener(
     return _solve(_complete(grids), inv_ssnr, size, kernel)
 
 
-def _new_grids(
-    dp: int, dtype: torch.dtype, device: torch.device
+def new_grids(
+    dp: int, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero accumulators for :func:`insert_images`: complex Σ CTF·F̂ and real Σ CTF², each
+    (Dp, Dp, Dp), the complex one in the complex dtype matching the real ``dtype``."""
     return (
         torch.zeros((dp,) * 3, dtype=complex_dtype(dtype), device=device),
         torch.zeros((dp,) * 3, dtype=dtype, device=device),
@@ -320,7 +330,7 @@ def wiener_reconstruct(
         ``project(map)`` reproduces the images). float64 images give a float64 map.
     """
     dp = _check_inputs(images, rotations, ctf, pad, kernel)
-    grids = _new_grids(dp, images.dtype, images.device)
+    grids = new_grids(dp, images.dtype, images.device)
     ids = torch.arange(images.shape[0], device=images.device)
     _accumulate(images, rotations, ctf, ids, dp, kernel, chunk_size, grids, show_progress)
     inv = _inverse_ssnr(snr, images.shape[-1], dp, images.dtype, images.device)
@@ -355,7 +365,7 @@ def half_map_reconstruct(
     split = (perm[:n1].sort().values, perm[n1:].sort().values)
     halves = []
     for ids in split:
-        grids = _new_grids(dp, images.dtype, images.device)
+        grids = new_grids(dp, images.dtype, images.device)
         _accumulate(images, rotations, ctf, ids, dp, kernel, chunk_size, grids, show_progress)
         halves.append(grids)
     size = images.shape[-1]
@@ -418,6 +428,63 @@ def ssnr_from_fsc(fsc_curve: torch.Tensor, mean_weight: torch.Tensor) -> torch.T
     return torch.where(mean_weight > 0, ssnr_half / mean_weight.clamp_min(1e-30), 0.0)
 
 
+class HalfMapSolution(NamedTuple):
+    """Result of :func:`solve_half_maps`: the (D, D, D) maps, the FSC of the final half maps
+    (unmasked) and the per-image SSNR used, per shell of the map."""
+
+    full: torch.Tensor
+    half1: torch.Tensor
+    half2: torch.Tensor
+    fsc_halves: FSCResult
+    ssnr: torch.Tensor
+
+
+@torch.no_grad()
+def solve_half_maps(
+    grids: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    size: int,
+    pixel_size: float,
+    *,
+    ssnr: str | float = "fsc",
+    kernel: Kernel = "linear",
+) -> HalfMapSolution:
+    """Half maps and the full map from the two halves' accumulators.
+
+    ``grids`` holds, per half, the kx >= 0 grids ``(Σ CTF·F̂, Σ CTF²)`` filled by
+    :func:`insert_images` (summed over processes when sharded); they are not modified.
+    ``ssnr`` is a number (constant per-image SSNR) or ``"fsc"``: half maps made with
+    SSNR 1 give an FSC that sets a per-shell SSNR (:func:`ssnr_from_fsc`) for the final
+    maps. The maps come back on the grids' device, in their real dtype.
+    """
+    require(len(grids) == 2, f"need the accumulators of 2 half sets, got {len(grids)}")
+    require(
+        ssnr == "fsc" or (not isinstance(ssnr, str) and float(ssnr) > 0),
+        f"ssnr must be 'fsc' or a number > 0, got {ssnr!r}",
+    )
+    check_kernel(kernel)
+    dp = grids[0][1].shape[-1]
+    dtype, device = grids[0][1].dtype, grids[0][1].device
+    halves = [_complete(g) for g in grids]
+    if ssnr == "fsc":
+        first = _inverse_ssnr(1.0, size, dp, dtype, device)
+        curve = fsc(
+            _solve(halves[0], first, size, kernel),
+            _solve(halves[1], first, size, kernel),
+            pixel_size,
+        ).fsc
+        mean_w = (_shell_mean(halves[0][1], size) + _shell_mean(halves[1][1], size)) / 2
+        per_shell = ssnr_from_fsc(torch.as_tensor(curve), mean_w.cpu())
+    else:
+        per_shell = torch.full((size // 2 + 1,), float(ssnr), dtype=torch.float64)
+    inv = _inverse_ssnr(per_shell, size, dp, dtype, device)
+    half1 = _solve(halves[0], inv, size, kernel)
+    half2 = _solve(halves[1], inv, size, kernel)
+    total = (halves[0][0] + halves[1][0], halves[0][1] + halves[1][1])
+    del halves
+    full = _solve(total, inv, size, kernel)
+    return HalfMapSolution(full, half1, half2, fsc(half1, half2, pixel_size), per_shell)
+
+
 @torch.no_grad()
 def reconstruct_source(
     source: ParticleSource,
@@ -428,16 +495,26 @@ def reconstruct_source(
     batch_size: int = 512,
     kernel: Kernel = "linear",
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    distributed: bool = False,
     show_progress: bool = False,
 ) -> SourceReconstruction:
     """Half maps and the full map from a particle source, streamed in batches.
 
     Images are read ``batch_size`` at a time, re-centred for their RELION origins
     (``source.batches(center=True)``) and inserted with their CTFs, evaluated exactly on
-    the padded grid (``physics.ctf.compute_ctf``). The random half split comes from
-    ``seed``. ``ssnr`` is a number (constant per-image SSNR, as in
-    :func:`wiener_reconstruct`) or ``"fsc"``: a first pass with SSNR 1 gives half maps
-    whose FSC sets a per-shell SSNR (:func:`ssnr_from_fsc`) for the final maps.
+    the padded grid (``physics.ctf.compute_ctf``), into grids on ``device``. The random
+    half split comes from ``seed``
+    (:func:`~cryoprior.solvers.distributed_recon.split_halves`). ``ssnr`` is a number
+    (constant per-image SSNR, as in :func:`wiener_reconstruct`) or ``"fsc"`` (per-shell
+    SSNR from the half maps' FSC; :func:`solve_half_maps`). Maps are returned on the CPU.
+
+    ``distributed=True`` under an initialised process group (``torchrun``; without one it
+    runs as a single process): every process must call this with the same arguments; each
+    reads only its shard of the particles
+    (:func:`~cryoprior.solvers.distributed_recon.shard_indices`), the grids are summed
+    over the processes, and every process returns the maps and split one process would
+    (up to the order of the float additions). ``seconds`` is this process's wall time.
     """
     start_time = time.perf_counter()
     n = len(source)
@@ -447,54 +524,41 @@ def reconstruct_source(
         f"ssnr must be 'fsc' or a number > 0, got {ssnr!r}",
     )
     check_kernel(kernel)
+    device = torch.device(device)
     size, pixel_size = source.box, source.pixel_size
     dp = padded_size(size, pad)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).numpy()
-    split = (np.sort(perm[: n // 2]), np.sort(perm[n // 2 :]))
-    cpu = torch.device("cpu")
-    grids = [_new_grids(dp, dtype, cpu), _new_grids(dp, dtype, cpu)]
+    split = split_halves(n, seed)
+    rank, world = process_layout() if distributed else (0, 1)
+    mine = shard_indices(n, rank, world)
+    parts = [np.intersect1d(part, mine, assume_unique=True) for part in split]
+    grids = [new_grids(dp, dtype, device), new_grids(dp, dtype, device)]
 
     def batches() -> Iterator[tuple[int, ParticleBatch]]:
-        for half, part in enumerate(split):
+        for half, part in enumerate(parts):
             for batch in source.batches(batch_size, indices=part, center=True, dtype=dtype):
                 yield half, batch
 
-    n_batches = sum(-(-len(part) // batch_size) for part in split)
+    n_batches = sum(-(-len(part) // batch_size) for part in parts)
     for half, batch in progress(
         batches(), total=n_batches, desc="back-projecting", enabled=show_progress
     ):
         ctf = None
         if batch.ctf is not None:
-            ctf = compute_ctf(batch.ctf, (dp, dp), pixel_size, dtype)
-        images, rotations = batch.images.to(dtype), batch.rotations.to(dtype)
+            ctf = compute_ctf(batch.ctf, (dp, dp), pixel_size, dtype, device)
+        images = batch.images.to(device=device, dtype=dtype)
+        rotations = batch.rotations.to(device=device, dtype=dtype)
         _check_inputs(images, rotations, ctf, pad, kernel)
-        ids = torch.arange(images.shape[0])
+        ids = torch.arange(images.shape[0], device=device)
         _accumulate(images, rotations, ctf, ids, dp, kernel, None, grids[half], False)
-    halves = [_complete(g) for g in grids]
+    allreduce_accumulators(grids)
+    solution = solve_half_maps(grids, size, pixel_size, ssnr=ssnr, kernel=kernel)
     del grids
-    if ssnr == "fsc":
-        first = _inverse_ssnr(1.0, size, dp, dtype, cpu)
-        curve = fsc(
-            _solve(halves[0], first, size, kernel),
-            _solve(halves[1], first, size, kernel),
-            pixel_size,
-        ).fsc
-        mean_w = (_shell_mean(halves[0][1], size) + _shell_mean(halves[1][1], size)) / 2
-        per_shell = ssnr_from_fsc(torch.as_tensor(curve), mean_w)
-    else:
-        per_shell = torch.full((size // 2 + 1,), float(ssnr), dtype=torch.float64)
-    inv = _inverse_ssnr(per_shell, size, dp, dtype, cpu)
-    half1 = _solve(halves[0], inv, size, kernel)
-    half2 = _solve(halves[1], inv, size, kernel)
-    total = (halves[0][0] + halves[1][0], halves[0][1] + halves[1][1])
-    del halves
-    full = _solve(total, inv, size, kernel)
     return SourceReconstruction(
-        full=full,
-        half1=half1,
-        half2=half2,
-        fsc_halves=fsc(half1, half2, pixel_size),
-        ssnr=per_shell,
+        full=solution.full.cpu(),
+        half1=solution.half1.cpu(),
+        half2=solution.half2.cpu(),
+        fsc_halves=solution.fsc_halves,
+        ssnr=solution.ssnr,
         split=split,
         seconds=time.perf_counter() - start_time,
     )
