@@ -121,7 +121,8 @@ def wiener(source, rotations: torch.Tensor | None, shifts: torch.Tensor | None, 
 
 def fit_row(source, truth, config, start, true_poses, px) -> dict:
     """One MFN fit, scored per stage in the frame aligned to the true poses."""
-    from cryoprior.solvers.mfn_fit import fit_mfn, global_alignment, pose_errors, render_aligned
+    from cryoprior.solvers.mfn_fit import fit_mfn, render_aligned
+    from cryoprior.solvers.poses import global_alignment, pose_errors
 
     t0 = time.perf_counter()
     result = fit_mfn(
@@ -167,7 +168,8 @@ def fit_row(source, truth, config, start, true_poses, px) -> dict:
 def run(args: argparse.Namespace) -> dict:
     from cryoprior.core.runtime import set_threads
     from cryoprior.physics.source import ParticleSource
-    from cryoprior.solvers.mfn_fit import MFNFitConfig, parse_stages, perturb_poses, pose_errors
+    from cryoprior.solvers.mfn_fit import MFNFitConfig, parse_stages
+    from cryoprior.solvers.poses import perturb_poses, pose_errors
 
     set_threads(args.threads)
     box, px = args.box, args.pixel_size

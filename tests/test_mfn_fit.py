@@ -34,23 +34,25 @@ from cryoprior.physics.source import ParticleSource
 from cryoprior.solvers.mfn_fit import (
     BandSearchModel,
     MFNFitConfig,
-    PosePrior,
     Stage,
-    align_poses,
     data_spectra,
     fit_mfn,
     format_stages,
     fourier_crop,
-    global_alignment,
     model_spectra,
     parse_stages,
+    refine_poses,
+    search_grid,
+    working_grid,
+)
+from cryoprior.solvers.poses import (
+    PosePrior,
+    align_poses,
+    global_alignment,
     perturb_poses,
     pose_errors,
-    refine_poses,
     rotation_log,
-    search_grid,
     search_offsets,
-    working_grid,
 )
 
 # three blobs, no symmetry: poses are identifiable (x, y, z in voxels of a 24-voxel box)

@@ -21,6 +21,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("reconstruct", "cryoprior.cli.reconstruct"),
     ("fsc", "cryoprior.cli.fsc"),
     ("denoise", "cryoprior.cli.denoise"),
+    ("refine", "cryoprior.cli.refine"),
     ("train", "cryoprior.cli.train"),
     ("sample", "cryoprior.cli.sample"),
     ("data", "cryoprior.cli.data"),

@@ -40,9 +40,8 @@ from cryoprior.solvers.mfn_fit import (
     format_stages,
     network_summary,
     parse_stages,
-    perturb_poses,
-    pose_errors,
 )
+from cryoprior.solvers.poses import perturb_poses, pose_errors
 
 DEFAULTS = MFNFitConfig()
 

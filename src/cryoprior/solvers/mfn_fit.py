@@ -35,9 +35,10 @@ shift s_i + t on a square lattice inside |t| ≤ ``search_max_shift``: the band 
 e^{-2πik·t/L}, so one model spectrum per rotation gives the loss at all shifts (a matrix
 product with phase ramps). Then ``search_levels`` − 1 finer levels each try the 3³ cube
 of spacing Δ/3^l around the estimate, and the 3² square of a third of the shift spacing
-(:func:`local_search`). The estimate of a level is the posterior mean of δ and t under
-white Gaussian noise (weights exp(−L/2σ²), σ² the image's misfit per Fourier coefficient
-at its current pose: noise plus what the map does not explain yet), or the best candidate
+(:func:`cryoprior.solvers.poses.lattice_search`, shared with :mod:`~cryoprior.solvers.poses`).
+The estimate of a level is the posterior mean of δ and t under white Gaussian noise
+(weights exp(−L/2σ²), σ² the image's misfit per Fourier coefficient at its current pose:
+noise plus what the map does not explain yet), or the best candidate
 (``search_estimate="best"``); the posterior mean stays put where the band cannot
 distinguish the candidates, where the best candidate would follow the noise. The
 candidates' spectra come from :class:`BandSearchModel`: trilinear samples of the
@@ -74,7 +75,8 @@ grid, no projections). Nothing else is taken from it.
 Global frame. The data fix the map only up to a rigid motion: a map V(Aᵀ(r - c)) with
 poses R_i Aᵀ and shifts s_i + (R_i Aᵀ c)_xy explains the images equally well. The fit does
 not pin this gauge; it is anchored only by the initial poses (their errors average out).
-:func:`global_alignment` finds (A, c) against reference poses, :func:`pose_errors` reports
+:func:`~cryoprior.solvers.poses.global_alignment` finds (A, c) against reference poses,
+:func:`~cryoprior.solvers.poses.pose_errors` reports
 errors before and after removing it, and :func:`render_aligned` renders the network in the
 reference frame exactly (the network is a function, so no interpolation is needed).
 
@@ -101,13 +103,8 @@ from cryoprior.core.errors import InputError, require, require_positive
 from cryoprior.core.files import atomic_path
 from cryoprior.core.runtime import progress, seed_everything
 from cryoprior.geometry.fft import fft2_c, fft3_c, ifft2_c, ifft3_c
-from cryoprior.geometry.grids import centered_indices, frequency_grid
-from cryoprior.geometry.rotations import (
-    axis_angle_to_matrix,
-    matrix_to_euler,
-    matrix_to_quaternion,
-    rotation_angle,
-)
+from cryoprior.geometry.grids import frequency_grid
+from cryoprior.geometry.rotations import axis_angle_to_matrix, matrix_to_euler
 from cryoprior.io.star import read_particle_images
 from cryoprior.networks.mfn import MultiplicativeFilterNetwork, marching_fractions, render_grid
 from cryoprior.networks.registry import build_network, network_config
@@ -116,6 +113,15 @@ from cryoprior.physics.fourier_slice import check_kernel
 from cryoprior.physics.projection import Projector, crop_centred, padded_size
 from cryoprior.physics.shifts import shift_spectra
 from cryoprior.physics.source import ParticleSource
+from cryoprior.solvers.poses import (
+    BandModel,
+    PosePrior,
+    ReferenceProjector,
+    SearchGrid,
+    band_box,
+    lattice_search,
+    rotation_log,
+)
 
 NETWORKS = ("bacon", "residual_mfn")
 INITS = ("default", "marching", "bacon")
@@ -249,7 +255,7 @@ class MFNFitConfig:
     particle's new pose only if its misfit drops by more than pose_accept times what
     fitting noise would give (0: any decrease).
     pose_search: ``"local"`` (stages whose poses are ``"all"`` run the local exhaustive
-    search of :func:`local_search` on each batch before the Adam steps; ``"shifts"``
+    search of :func:`.poses.lattice_search` on each batch before the Adam steps; ``"shifts"``
     stages search shifts) or ``"adam"`` (Adam steps only). search_radius_deg /
     search_step_deg: the search's rotation radius and lattice spacing (degrees) at the
     first searching stage; the radius should cover the expected pose error (the default
@@ -428,111 +434,7 @@ def make_network(config: MFNFitConfig, box: int) -> MultiplicativeFilterNetwork:
 
 
 # ---------------------------------------------------------------------------------------
-# poses: perturbation, alignment, errors
-
-
-def perturb_poses(
-    rotations: torch.Tensor,
-    shifts: torch.Tensor | np.ndarray,
-    angle_deg: float,
-    shift_angstrom: float = 0.0,
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Poses moved by exactly ``angle_deg`` about uniformly random axes (for experiments).
-
-    R' = exp(θ u) R with u uniform on the sphere and θ = angle_deg; shifts (Å) move by
-    ``shift_angstrom`` in a uniformly random in-plane direction. Returns (N,3,3) float64
-    rotations and (N,2) float64 shifts.
-    """
-    require(angle_deg >= 0 and shift_angstrom >= 0, "perturbations must be >= 0")
-    rot = torch.as_tensor(rotations, dtype=torch.float64)
-    sh = torch.as_tensor(np.asarray(shifts), dtype=torch.float64)
-    n = rot.shape[0]
-    g = torch.Generator().manual_seed(int(seed))
-    axis = torch.randn(n, 3, generator=g, dtype=torch.float64)
-    axis = axis / axis.norm(dim=-1, keepdim=True)
-    phi = 2 * math.pi * torch.rand(n, generator=g, dtype=torch.float64)
-    moved = axis_angle_to_matrix(axis * math.radians(angle_deg)) @ rot
-    step = shift_angstrom * torch.stack([torch.cos(phi), torch.sin(phi)], -1)
-    return moved, sh + step
-
-
-def _project_to_rotation(m: torch.Tensor) -> torch.Tensor:
-    """The rotation nearest to a 3×3 matrix (SVD, det = +1)."""
-    u, _, vt = torch.linalg.svd(m)
-    d = torch.sign(torch.linalg.det(u @ vt))
-    fix = torch.diag(torch.stack([torch.ones_like(d), torch.ones_like(d), d]))
-    return u @ fix @ vt
-
-
-def global_alignment(
-    rotations: torch.Tensor,
-    shifts: torch.Tensor,
-    ref_rotations: torch.Tensor,
-    ref_shifts: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rigid motion (A, c) relating an estimated frame to a reference one.
-
-    A: the rotation with R_i ≈ R_ref,i A (least squares: the rotation nearest to
-    mean_i R_ref,iᵀ R_i). c (Å, (x, y, z)): least-squares solution of
-    s_ref,i - s_i = (R_i Aᵀ c)_xy over all particles. The estimated map V corresponds to
-    the reference-frame map V(Aᵀ(r - c)) (:func:`render_aligned`), the poses to
-    (R_i Aᵀ, s_i + (R_i Aᵀ c)_xy) (:func:`align_poses`).
-    """
-    r = torch.as_tensor(rotations, dtype=torch.float64)
-    rr = torch.as_tensor(ref_rotations, dtype=torch.float64)
-    a = _project_to_rotation((rr.transpose(-1, -2) @ r).mean(0))
-    aligned = r @ a.T
-    rows = aligned[:, :2, :].reshape(-1, 3)
-    rhs = (
-        torch.as_tensor(ref_shifts, dtype=torch.float64)
-        - torch.as_tensor(shifts, dtype=torch.float64)
-    ).reshape(-1, 1)
-    c = torch.linalg.lstsq(rows, rhs).solution.reshape(3)
-    return a, c
-
-
-def align_poses(
-    rotations: torch.Tensor, shifts: torch.Tensor, a: torch.Tensor, c: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Poses in the reference frame of :func:`global_alignment`: (R Aᵀ, s + (R Aᵀ c)_xy)."""
-    r = torch.as_tensor(rotations, dtype=torch.float64) @ a.to(torch.float64).T
-    s = torch.as_tensor(shifts, dtype=torch.float64) + (r @ c.to(torch.float64))[:, :2]
-    return r, s
-
-
-def pose_errors(
-    rotations: torch.Tensor,
-    shifts: torch.Tensor,
-    ref_rotations: torch.Tensor,
-    ref_shifts: torch.Tensor,
-    align: bool = True,
-) -> dict[str, float]:
-    """Per-particle pose errors against reference poses, summarised.
-
-    Angle: geodesic angle between R_i and R_ref,i in degrees; shift: |s_i - s_ref,i| in Å.
-    With ``align`` the global rigid motion of :func:`global_alignment` is removed first
-    (and its rotation angle in degrees and translation in Å are reported).
-    """
-    r = torch.as_tensor(rotations, dtype=torch.float64)
-    s = torch.as_tensor(shifts, dtype=torch.float64)
-    out: dict[str, float] = {}
-    if align:
-        a, c = global_alignment(r, s, ref_rotations, ref_shifts)
-        r, s = align_poses(r, s, a, c)
-        out["frame_rotation_deg"] = math.degrees(
-            float(rotation_angle(a, torch.eye(3, dtype=torch.float64)))
-        )
-        out["frame_translation_angstrom"] = float(c.norm())
-    ang = torch.rad2deg(rotation_angle(r, torch.as_tensor(ref_rotations, dtype=torch.float64)))
-    dist = (s - torch.as_tensor(ref_shifts, dtype=torch.float64)).norm(dim=-1)
-    out.update(
-        mean_angle_deg=float(ang.mean()),
-        median_angle_deg=float(ang.median()),
-        mean_shift_angstrom=float(dist.mean()),
-        median_shift_angstrom=float(dist.median()),
-    )
-    return out
+# the fitted map in a reference frame
 
 
 def render_aligned(
@@ -546,7 +448,8 @@ def render_aligned(
 ) -> torch.Tensor:
     """The fitted map (D, D, D) moved into a reference frame: a · y(Aᵀ(r - c)).
 
-    ``rotation`` A and ``translation`` c (Å) as returned by :func:`global_alignment`;
+    ``rotation`` A and ``translation`` c (Å) as returned by
+    :func:`cryoprior.solvers.poses.global_alignment`;
     None renders the map in its own frame. Exact (the network is evaluated at the moved
     coordinates).
     """
@@ -584,18 +487,12 @@ class WorkingGrid:
     spectral_scale: float  # (D / D')^3
 
 
-def _grid_size(full: int, band: float) -> int:
-    """The smallest even grid (at least 8, at most D) whose Nyquist exceeds ``band``."""
-    size = 2 * math.ceil(band) + 2
-    return full if size >= full else max(size, min(full, 8))
-
-
 def working_grid(full: int, pixel_size: float, band: float, net_band: float) -> WorkingGrid:
     """The working grid of a stage: projections on D' = 2⌈band⌉ + 2 (at most D), whose
     Nyquist exceeds the loss band, and the network rendered on a grid whose Nyquist exceeds
     the output's band ``net_band`` (cycles per box), so neither aliases."""
-    box = _grid_size(full, band)
-    render_box = max(box, _grid_size(full, net_band))
+    box = band_box(full, band)
+    render_box = max(box, band_box(full, net_band))
     k = frequency_grid((box, box), 1.0 / box, torch.float64).norm(dim=-1)  # cycles/box
     return WorkingGrid(
         full=full,
@@ -861,73 +758,15 @@ def _adam_pose_steps(
 # ---------------------------------------------------------------------------------------
 # local exhaustive pose search
 
-# Candidate × image × frequency values handled per chunk (bounds the search's work arrays).
-_SEARCH_VALUES_PER_CHUNK = 2**20
 
-
-def rotation_log(rotations: torch.Tensor) -> torch.Tensor:
-    """Axis-angle vectors (..., 3) (radians, angle in [0, π]) of rotations (..., 3, 3).
-
-    The inverse of :func:`cryoprior.geometry.rotations.axis_angle_to_matrix`, through the
-    unit quaternion (w, v) = (cos θ/2, sin θ/2 · u): θ u = 2 atan2(|v|, w) v / |v|.
-    """
-    q = matrix_to_quaternion(rotations)  # w >= 0
-    w, v = q[..., :1], q[..., 1:]
-    sin_half = v.norm(dim=-1, keepdim=True)
-    angle = 2 * torch.atan2(sin_half, w)
-    factor = torch.where(sin_half > 1e-9, angle / sin_half.clamp_min(1e-9), 2.0 / w.clamp_min(0.5))
-    return v * factor
-
-
-def search_offsets(radius: float, step: float) -> torch.Tensor:
-    """Axis-angle offsets (C, 3) in radians: the cubic lattice of spacing ``step`` inside
-    the ball |δ| ≤ ``radius`` (radians), ordered by |δ| (δ = 0 first)."""
-    require(radius >= 0 and step > 0, f"search radius must be >= 0, step > 0: {radius}, {step}")
-    n = int(math.floor(radius / step + 1e-9))
-    axis = torch.arange(-n, n + 1, dtype=torch.float64) * step
-    lattice = torch.cartesian_prod(axis, axis, axis).reshape(-1, 3)
-    norms = lattice.norm(dim=-1)
-    keep = norms <= radius * (1 + 1e-9) + 1e-12
-    order = torch.argsort(norms[keep], stable=True)
-    return lattice[keep][order]
-
-
-def _cube_offsets(step: float, dim: int) -> torch.Tensor:
-    """The 3^dim offsets step·{-1, 0, 1}^dim (zero first): one refinement level, which
-    covers the cell of a lattice of spacing 3·step around its centre."""
-    axis = torch.tensor([0.0, -1.0, 1.0], dtype=torch.float64) * step
-    return torch.cartesian_prod(*([axis] * dim)).reshape(-1, dim)
-
-
-@dataclass(frozen=True)
-class SearchGrid:
-    """A local search: rotations on a lattice, then finer cubes; shifts likewise.
-
-    radius / step: the first level's rotation ball and lattice spacing (radians); each of
-    the ``levels`` - 1 further levels tries the 3³ cube of spacing step/3^l around each
-    image's current estimate. max_shift: the largest move of the shift (Å) from where the
-    search starts (0: rotations only); shift_step: the first level's shift spacing (Å);
-    further levels try the 3² square of spacing shift_step/3^l around the estimate.
-    """
-
-    radius: float
-    step: float
-    levels: int
-    max_shift: float
-    shift_step: float
-
-
-class BandSearchModel:
+class BandSearchModel(BandModel):
     """Model spectra of many candidate poses on a working grid's band, for the pose search.
 
-    The spectra are taken on the Hermitian half of the band (kx > 0, or kx = 0 and
-    ky ≥ 0; weights 2, and 1 for DC, so weighted sums equal sums over the whole band).
-    A candidate's spectrum is the projector's padded 3-D FT (the gridding-corrected map
-    of :class:`~cryoprior.physics.projection.Projector`, which must use the ``"linear"``
-    kernel so that its correction matches) sampled trilinearly
-    (``grid_sample``) at Rᵀ(kx, ky, 0)·Dp/D' — the working grid's frequencies — times the
-    effective CTF, times (D/D')³, times the phase of the shift s (Å, RELION origin):
-    e^{2πi k·s/L} with L the box length in Å. The effective CTF is the FT of the CTF's
+    A :class:`~cryoprior.solvers.poses.BandModel` on the working grid: the projector's
+    padded 3-D FT (its ``"linear"`` kernel's gridding correction matches the trilinear
+    sampling) sliced at the half-band frequencies of D' (a
+    :class:`~cryoprior.solvers.poses.ReferenceProjector` with scale (D/D')³), times the
+    effective CTF, times the phase of the shift. The effective CTF is the FT of the CTF's
     point-spread function cropped to the D' box (the padded-grid CTF, inverse transformed,
     cropped, transformed): :func:`model_spectra` crops the CTF-modulated projection to the
     box after the shift, which for a particle at the centre is this. It is
@@ -937,248 +776,24 @@ class BandSearchModel:
     64² at 1.5 Å/px, defocus 1-2.5 µm): 3% at band 0.18 × Nyquist, 6% at 0.3, 21% at 0.6,
     27% at 1 (correlations 0.9995, 0.998, 0.978, 0.965); it ranks candidates, and the
     fit's own model decides whether a particle moves (:func:`_search_pose_steps`).
-
-    The loss over the band, Σ_k w_k |Y(k) − Ŷ_s(k)|², equals ‖Y‖² + P − 2 Re Σ_k w_k
-    conj(Ŷ₀(k)) Y(k) e^{-2πi k·t/L} with P = Σ_k w_k |Ŷ₀(k)|², for the shift s + t and Ŷ₀ at
-    s: one spectrum per rotation gives the loss at every shift t (:meth:`losses`).
     """
 
     def __init__(self, projector: Projector, grid: WorkingGrid, ctf: torch.Tensor | None) -> None:
         require(projector.kernel == "linear", "the pose search needs a trilinear projector")
-        d = grid.box
-        self.grid = grid
-        self.padded = projector.padded_size
-        ky, kx = torch.meshgrid(
-            centered_indices(d, torch.float64), centered_indices(d, torch.float64), indexing="ij"
+        length = grid.box * grid.pixel_size  # Å
+        reference = ReferenceProjector(
+            projector.volume_ft, grid.box, grid.band, length, grid.spectral_scale
         )
-        half = (kx > 0) | ((kx == 0) & (ky >= 0))
-        self.select = half[grid.mask]  # (n_mask,): entries of data_spectra on the half plane
-        plane = grid.mask & half
-        self.k = torch.stack([kx[plane], ky[plane]], -1).to(torch.float32)  # (n, 2) index
-        self.weight = torch.where((self.k == 0).all(-1), 1.0, 2.0)
-        self.length = grid.box * grid.pixel_size  # Å
-        real = torch.view_as_real(projector.volume_ft.detach())
-        self.volume = real.permute(3, 0, 1, 2).unsqueeze(0).contiguous().to(torch.float32)
-        self.ctf = None  # (B, n): the effective CTFs of the batch on the half band
+        effective = None  # (B, n): the effective CTFs of the batch on the half band
         if ctf is not None:
-            psf = crop_centred(ifft2_c(ctf.to(torch.complex64)), d, 2)
-            self.ctf = fft2_c(psf)[:, plane]
+            psf = crop_centred(ifft2_c(ctf.to(torch.complex64)), grid.box, 2)
+            effective = fft2_c(psf)[:, reference.plane]
+        super().__init__(reference, effective)
+        self.select = reference.half_of_band  # entries of data_spectra on the half plane
 
     def half(self, data: torch.Tensor) -> torch.Tensor:
         """The half-plane entries (B, n) of band spectra (B, n_mask) (:func:`data_spectra`)."""
         return data[:, self.select]
-
-    def phases(self, shifts: torch.Tensor) -> torch.Tensor:
-        """e^{2πi k·s/L} (..., n) for shifts (..., 2) in Å."""
-        arg = (2 * math.pi / self.length) * (shifts.to(torch.float32) @ self.k.T)
-        return torch.polar(torch.ones_like(arg), arg)
-
-    def spectra(self, rotations: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-        """Model spectra (C, B, n) for rotations (C, B, 3, 3) and shifts (B, 2) Å."""
-        c, b = rotations.shape[:2]
-        scale = self.padded / self.grid.box
-        points = (self.k * scale) @ rotations[..., :2, :].to(torch.float32)  # (C, B, n, 3)
-        where = (points + self.padded // 2) * (2.0 / (self.padded - 1)) - 1.0
-        sampled = torch.nn.functional.grid_sample(
-            self.volume,
-            where.reshape(1, c * b, -1, 1, 3),
-            mode="bilinear",
-            padding_mode="zeros",
-            align_corners=True,
-        )  # (1, 2, C·B, n, 1)
-        values = torch.complex(sampled[0, 0, ..., 0], sampled[0, 1, ..., 0]).reshape(c, b, -1)
-        values = values * (self.grid.spectral_scale * self.phases(shifts))
-        return values if self.ctf is None else values * self.ctf
-
-    def losses(self, model: torch.Tensor, data: torch.Tensor, ramps: torch.Tensor) -> torch.Tensor:
-        """Band losses minus ‖Y‖², (C, B, S), of model spectra (C, B, n) against half-plane
-        data (B, n) at relative shifts given by ``ramps`` e^{-2πi k·t/L}, (n, S) shared or
-        (B, n, S) per image."""
-        power = (self.weight * (model.real**2 + model.imag**2)).sum(-1)
-        cross = (self.weight * model.conj() * data).to(torch.complex64)
-        if ramps.ndim == 2:
-            corr = (cross @ ramps).real
-        else:
-            corr = torch.einsum("cbn,bns->cbs", cross, ramps).real
-        return power[..., None] - 2 * corr
-
-    def ramps(self, offsets: torch.Tensor) -> torch.Tensor:
-        """e^{-2πi k·t/L} for relative shifts t: (S, 2) -> (n, S); (B, S, 2) -> (B, n, S)."""
-        return self.phases(-offsets).transpose(-1, -2)
-
-
-@dataclass
-class PosePrior:
-    """A Gaussian prior on each particle's rotation away from its starting pose R₀:
-    −log p(R) = |log(R R₀ᵀ)|² / 2σ² + const (σ radians per axis; RELION's sigma_ang)."""
-
-    start: torch.Tensor  # (B, 3, 3) the batch's starting rotations
-    sigma: float  # radians
-
-    def penalty(self, rotations: torch.Tensor) -> torch.Tensor:
-        """−log prior (up to a constant) of rotations (..., B, 3, 3): (..., B)."""
-        start = self.start.to(torch.float64)
-        dev = rotation_log(rotations.to(torch.float64) @ start.transpose(-1, -2))
-        return (dev**2).sum(-1) / (2 * self.sigma**2)
-
-
-@dataclass
-class _Scores:
-    """What one search level found for each of B images: the best candidate (loss, rotation
-    (B, 3, 3) float64, relative shift (B, 2) Å) and the posterior means of the rotation
-    offset δ (B, 3) radians and of the relative shift (B, 2) Å (None without a noise
-    power)."""
-
-    loss: torch.Tensor
-    rotation: torch.Tensor
-    shift: torch.Tensor
-    mean_delta: torch.Tensor | None
-    mean_shift: torch.Tensor | None
-
-
-def _score_candidates(
-    model: BandSearchModel,
-    data: torch.Tensor,
-    centres: torch.Tensor,
-    deltas: torch.Tensor,
-    shifts: torch.Tensor,
-    offsets: torch.Tensor,
-    max_shift: float,
-    noise: torch.Tensor | None,
-    prior: PosePrior | None = None,
-) -> _Scores:
-    """Score rotations exp([δ_c]×) · centre_i (δ (C, 3) radians, centres (B, 3, 3)) at
-    relative shifts ``offsets`` (S, 2) or (B, S, 2) Å with |offset| ≤ max_shift.
-
-    Keeps the lowest loss per image and, with ``noise`` σ² (B,) (the power per Fourier
-    coefficient of the noise), the posterior means of δ and of the offset under a uniform
-    prior on the candidates: weights exp(−(L − L_min) / 2σ²), the likelihood of white
-    Gaussian noise (real images; L sums |Y − Ŷ|² over the whole band). Accumulated over
-    chunks of candidates (``_SEARCH_VALUES_PER_CHUNK``) with a running maximum. With a
-    ``prior`` (needs ``noise``) the weights are multiplied by the prior of each candidate
-    rotation (:class:`PosePrior`) and the "best" candidate is the posterior mode.
-    """
-    require(prior is None or noise is not None, "a pose prior needs the noise power")
-    b, n = data.shape
-    per_image = offsets.expand(b, *offsets.shape[-2:]).to(torch.float64)  # (B, S, 2)
-    allowed = per_image.norm(dim=-1) <= max_shift * (1 + 1e-9) + 1e-12  # (B, S)
-    ramps = model.ramps(offsets)
-    chunk = max(1, _SEARCH_VALUES_PER_CHUNK // max(1, b * n))
-    rows = torch.arange(b)
-    best = _Scores(
-        torch.full((b,), math.inf),
-        centres.clone(),
-        torch.zeros(b, 2, dtype=torch.float64),
-        None,
-        None,
-    )
-    top = torch.full((b,), -math.inf, dtype=torch.float64)  # running max of log weights
-    mass = torch.zeros(b, dtype=torch.float64)
-    moment_delta = torch.zeros(b, 3, dtype=torch.float64)
-    moment_shift = torch.zeros(b, 2, dtype=torch.float64)
-    for start in range(0, deltas.shape[0], chunk):
-        delta = deltas[start : start + chunk]
-        cand = axis_angle_to_matrix(delta)[:, None] @ centres[None]  # (c, B, 3, 3) float64
-        loss = model.losses(model.spectra(cand, shifts), data, ramps)  # (c, B, S)
-        loss = torch.where(allowed[None], loss, math.inf)
-        if prior is not None:  # in units of loss: 2σ² · (−log prior)
-            penalty = prior.penalty(cand) * (2 * noise.to(torch.float64))
-            loss = loss + penalty[..., None].to(loss.dtype)
-        value, where = loss.permute(1, 0, 2).reshape(b, -1).min(-1)
-        better = value < best.loss
-        ci, si = where // allowed.shape[1], where % allowed.shape[1]
-        best.loss = torch.where(better, value, best.loss)
-        best.rotation = torch.where(better[:, None, None], cand[ci, rows], best.rotation)
-        best.shift = torch.where(better[:, None], per_image[rows, si], best.shift)
-        if noise is None:
-            continue
-        log_w = -loss.to(torch.float64) / (2 * noise.to(torch.float64)[:, None])  # (c, B, S)
-        new_top = torch.maximum(top, log_w.amax(dim=(0, 2)))
-        keep = torch.exp(top - new_top)
-        w = torch.exp(log_w - new_top[:, None])
-        mass = mass * keep + w.sum(dim=(0, 2))
-        moment_delta = moment_delta * keep[:, None] + torch.einsum("cb,cd->bd", w.sum(2), delta)
-        moment_shift = moment_shift * keep[:, None] + torch.einsum(
-            "bs,bsd->bd", w.sum(0), per_image
-        )
-        top = new_top
-    if noise is not None:
-        best.mean_delta = moment_delta / mass[:, None]
-        best.mean_shift = moment_shift / mass[:, None]
-    return best
-
-
-def local_search(
-    model: BandSearchModel,
-    data: torch.Tensor,
-    rotations: torch.Tensor,
-    shifts: torch.Tensor,
-    search: SearchGrid,
-    noise: torch.Tensor | None = None,
-    prior: PosePrior | None = None,
-    estimate: str = "mean",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exhaustive local search around each image's pose against a fixed map.
-
-    Level 0 tries every rotation exp([δ]×) R_i for δ on :func:`search_offsets` (radius,
-    step), and for each the shifts s_i + t with t on a square lattice of spacing
-    ``shift_step`` inside |t| ≤ ``max_shift`` (all shifts of one rotation from one
-    spectrum, :class:`BandSearchModel`). Level l ≥ 1 tries the 3³ rotations exp([δ]×) R̂
-    with δ on step/3^l·{-1, 0, 1}³ and the 3² shifts t̂ + shift_step/3^l·{-1, 0, 1}²
-    (still |t| ≤ max_shift) around the previous level's estimate (R̂, t̂).
-
-    Without ``noise`` the estimate of a level is its lowest-loss candidate (the starting
-    pose is a candidate, so the search-model loss never rises). With ``noise`` σ² (B,)
-    (noise power per Fourier coefficient, e.g. the misfit per coefficient at the current
-    pose) it is the posterior mean under a uniform prior on the candidates and white
-    Gaussian noise: δ̄ = Σ w δ / Σ w, t̄ likewise, w = exp(−L / 2σ²), R̂ = exp([δ̄]×) R.
-    Where the band cannot tell the candidates apart the weights are flat and the pose
-    stays near where it was, instead of jumping to the largest noise peak in the ball.
-
-    Args:
-        model: the map and CTFs of the batch (:class:`BandSearchModel`).
-        data: (B, n) half-plane data spectra (:meth:`BandSearchModel.half`).
-        rotations: (B, 3, 3) current rotations; shifts: (B, 2) current shifts (Å).
-        search: the lattices (:class:`SearchGrid`).
-        noise: (B,) noise power per Fourier coefficient, or None (best candidate).
-        prior: a Gaussian prior on the rotation away from the starting pose (needs
-            ``noise``); the posterior then weighs the candidates by it.
-        estimate: ``"mean"`` (posterior mean, when ``noise`` is given) or ``"best"``
-            (the lowest-loss candidate; with a prior the posterior mode).
-
-    Returns:
-        rotations (B, 3, 3) and shifts (B, 2) (Å), float64.
-
-    Cost: C₀ + 27 (levels − 1) spectra per image (C₀ ≈ 4.19 (radius/step)³), each n
-    trilinear samples, plus n·S₀ (level 0, S₀ shifts) or 9 n products per spectrum for the
-    shifts. Memory: chunks of ≤ 2²⁰ candidate × image × frequency values, ~60 bytes
-    each (sample coordinates, samples, complex products): a peak of about 80 MB (measured),
-    plus the (chunk, B, S₀) loss table.
-    """
-    data = data.to(torch.complex64)
-    centre = rotations.to(torch.float64)
-    s = shifts.to(torch.float32)
-    m = int(math.floor(search.max_shift / search.shift_step + 1e-9))
-    axis = torch.arange(-m, m + 1, dtype=torch.float64) * search.shift_step
-    disc = torch.cartesian_prod(axis, axis).reshape(-1, 2)
-    disc = disc[torch.argsort(disc.norm(dim=-1), stable=True)]  # t = 0 first
-    square = _cube_offsets(1.0, 2) if m > 0 else torch.zeros(1, 2, dtype=torch.float64)
-    deltas = search_offsets(search.radius, search.step)
-    offsets = disc
-    t_hat = torch.zeros(centre.shape[0], 2, dtype=torch.float64)
-    for level in range(search.levels):
-        if level > 0:
-            deltas = _cube_offsets(search.step / 3**level, 3)
-            offsets = t_hat[:, None, :] + square * (search.shift_step / 3**level)
-        found = _score_candidates(
-            model, data, centre, deltas, s, offsets, search.max_shift, noise, prior
-        )
-        if found.mean_delta is None or estimate == "best":
-            centre, t_hat = found.rotation, found.shift
-        else:
-            centre = axis_angle_to_matrix(found.mean_delta) @ centre
-            t_hat = found.mean_shift
-    return centre, shifts.to(torch.float64) + t_hat
 
 
 def search_grid(
@@ -1220,7 +835,8 @@ def _search_pose_steps(
     estimate: str = "mean",
     prior_deg: float | None = None,
 ) -> None:
-    """Local exhaustive search (:func:`local_search`) for the batch's poses, map fixed.
+    """Local exhaustive search (:func:`~cryoprior.solvers.poses.lattice_search`) for the
+    batch's poses, map fixed.
 
     ``projector`` holds ``volume`` (the map on the working grid); ``data`` are the batch's
     band spectra (:func:`data_spectra`) and ``ctf`` its CTFs on the padded working grid (or
@@ -1250,7 +866,7 @@ def _search_pose_steps(
         noise = (loss / data.shape[-1]).clamp_min(1e-6 * float((data.abs() ** 2).mean()))
     if prior_deg is not None:
         prior = PosePrior(poses.base[idx], math.radians(prior_deg) / math.sqrt(3.0))
-    new_rot, new_shifts = local_search(
+    new_rot, new_shifts, _ = lattice_search(
         model, model.half(data), rot, shifts, search, noise, prior, estimate
     )
     with torch.no_grad():
@@ -1649,7 +1265,8 @@ def fit_mfn(
             initial poses must match). Without it a folder holding a checkpoint is refused.
         show_progress: a progress bar over all batches.
         initial_rotations / initial_shifts: (N, 3, 3) poses and (N, 2) RELION origins (Å)
-            to start from instead of the STAR file's (e.g. from :func:`perturb_poses`).
+            to start from instead of the STAR file's (e.g. from
+            :func:`cryoprior.solvers.poses.perturb_poses`).
         max_steps: stop after this many batches in this call (a checkpoint is written);
             a later call with ``resume=True`` continues. None runs to the end.
 
@@ -1695,23 +1312,15 @@ def network_summary(result: MFNFitResult) -> dict[str, Any]:
 __all__ = [
     "BandSearchModel",
     "MFNFitConfig",
-    "SearchGrid",
-    "local_search",
-    "rotation_log",
     "search_grid",
-    "search_offsets",
     "MFNFitResult",
     "Stage",
     "StageResult",
-    "align_poses",
     "fit_mfn",
     "format_stages",
-    "global_alignment",
     "make_network",
     "network_summary",
     "parse_stages",
-    "perturb_poses",
-    "pose_errors",
     "WorkingGrid",
     "data_spectra",
     "fourier_crop",

@@ -1,0 +1,558 @@
+"""Gold-standard refinement: pose estimation and reconstruction on two half sets.
+
+The particles are split once into two half sets (:func:`~cryoprior.solvers.
+distributed_recon.split_halves`, from the seed) and each half is refined against its own
+reference only, so the two half maps stay independent and their FSC an honest resolution
+estimate (RELION's auto-refine, Scheres & Chen 2012). One iteration:
+
+1. **Pose assignment** of every particle of half h against reference h, over the band
+   |k| ≤ L/b (b Å, the current resolution limit; :mod:`cryoprior.solvers.poses`):
+   a global search over an SO(3) grid × shifts on the first ``global_iterations``
+   iterations (normalised correlation: the initial model's scale is unknown), then a
+   coarse-to-fine local search around the current poses (likelihood against the half
+   maps, which are in the images' units; passes at θ and θ/2), θ set by the resolution:
+   θ ≈ b / (4 r) for a particle of radius r, so that a step moves the density by at most
+   a quarter of the resolution, never coarser than the previous step.
+2. **Reconstruction** of both halves at the new poses (Wiener, per-shell SSNR from their
+   FSC; :func:`~cryoprior.solvers.backprojection.reconstruct_source`, sharded over
+   processes under ``torchrun``); ``band_factor`` × the half maps' FSC 0.143 resolution
+   is the next band.
+3. **References**: the half maps themselves (already Wiener-filtered by the SSNR), or,
+   with a density-map prior, each half map denoised by the prior's network
+   (:func:`~cryoprior.solvers.map_baselines.plug_and_play` with the half map's own noise
+   spectrum, Blush-style), each half on its own — only the per-shell noise power, which
+   RELION shares between the halves too, comes from both.
+
+The loop stops after ``iterations`` or when the resolution has not improved for
+``patience`` iterations. Every iteration writes its half maps, references, poses and FSC
+(:class:`RefineRecorder`), so a killed run resumes from the last finished iteration.
+
+Ab initio (:func:`ab_initio`): no initial model. Stochastic hard-assignment EM at low
+resolution (in the spirit of cryoSPARC's SGD): a map from random poses, then rounds of
+global search on random subsets of the particles against the current map and
+reconstruction from them, the band tightening from ``bands[0]`` to ``bands[-1]``; the
+result (in an arbitrary hand) is the initial model of :func:`refine`.
+
+Units: Å, Å/px, degrees in configs and records, radians only inside the pose search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cryoprior.core.containers import Volume
+from cryoprior.core.errors import InputError, require, require_positive
+from cryoprior.core.files import write_text_atomic
+from cryoprior.geometry.rotations import matrix_to_euler, random_rotations, rotation_angle
+from cryoprior.io.mrc import read_map, write_map
+from cryoprior.io.star import Particles, write_particles
+from cryoprior.physics.source import ParticleSource
+from cryoprior.solvers.backprojection import SourceReconstruction, reconstruct_source
+from cryoprior.solvers.distributed_recon import (
+    allreduce_accumulators,
+    process_layout,
+    shard_indices,
+    split_halves,
+)
+from cryoprior.solvers.halfmap import shell_filter
+from cryoprior.solvers.poses import global_search, refine_local
+from cryoprior.solvers.postprocess import lowpass_weights
+
+Log = Callable[[str], None]
+
+
+def lowpass(
+    volume: torch.Tensor, pixel_size: float, resolution: float, edge: int = 2
+) -> torch.Tensor:
+    """``volume`` (D, D, D) with Fourier shells beyond ``resolution`` Å removed (a cosine
+    edge of ``edge`` shells below the cut)."""
+    size = int(volume.shape[-1])
+    cut = max(1, int(round(size * pixel_size / resolution)))
+    return shell_filter(volume, lowpass_weights(size, cut, edge))
+
+
+@dataclass
+class RefineConfig:
+    """Settings of :func:`refine` (lengths in Å, angles in degrees).
+
+    ``initial_lowpass``: the initial model is low-passed to it, and the first pose search
+    compares at that band. ``global_step``: the SO(3) grid step of the global search.
+    ``max_shift``: the largest origin searched (default 4 px). ``particle_radius``: for the
+    angular step (default 0.3 · box). ``min_step``: the finest local step. ``patience``:
+    iterations without a finer FSC before stopping. ``band_factor``: the next search
+    compares up to this fraction of the half maps' FSC 0.143 resolution (a few shells
+    beyond it, as RELION; the Wiener-filtered references weigh those shells down).
+    ``prior_iterations``: network evaluations of the plug-and-play denoising of the
+    references with a prior.
+    """
+
+    iterations: int = 8
+    initial_lowpass: float = 30.0
+    global_step: float = 7.5
+    global_iterations: int = 2
+    band_factor: float = 0.85
+    max_shift: float | None = None
+    particle_radius: float | None = None
+    min_step: float = 0.5
+    patience: int = 2
+    image_batch: int = 2048
+    seed: int = 0
+    prior_iterations: int = 8
+
+    def validate(self) -> None:
+        require(int(self.iterations) >= 1, f"iterations must be >= 1, got {self.iterations}")
+        require_positive(self.initial_lowpass, "initial low-pass (Å)")
+        require_positive(self.global_step, "global search step (degrees)")
+        require(self.global_iterations >= 1, "global_iterations must be >= 1")
+        require_positive(self.min_step, "finest angular step (degrees)")
+        require(self.max_shift is None or self.max_shift >= 0, "max shift must be >= 0 Å")
+        require(int(self.image_batch) >= 1, "image batch must be >= 1")
+
+
+@dataclass
+class IterationRecord:
+    """What one iteration did and measured (JSON-ready)."""
+
+    iteration: int
+    search: str
+    band: float
+    step: float
+    fsc0143: float
+    fsc05: float
+    pose_change_deg: float
+    shift_change: float
+    seconds: float
+    prior: bool = False
+    fsc_curve: list[float] = field(default_factory=list)
+
+
+@dataclass
+class RefineResult:
+    """Final maps (D, D, D) on the particles' grid, the estimated poses (n, 3, 3) and
+    origins (n, 2) Å, the gold-standard split, and the iteration records."""
+
+    full: torch.Tensor
+    half1: torch.Tensor
+    half2: torch.Tensor
+    rotations: torch.Tensor
+    shifts: torch.Tensor
+    split: tuple[np.ndarray, np.ndarray]
+    history: list[IterationRecord]
+    particles: Particles
+    resumed: bool = False
+
+    @property
+    def resolution(self) -> float:
+        """The last iteration's half-map FSC 0.143 resolution (Å)."""
+        return self.history[-1].fsc0143
+
+
+class RefineRecorder:
+    """Writes and reads a refinement's iterations in ``out`` (only rank 0 writes):
+    ``iter_NNN/`` with half1/half2.mrc, ref1/ref2.mrc, poses.npz, particles.star, and
+    ``refine_state.json`` (the config and every finished iteration's record)."""
+
+    def __init__(self, out: Path, source: ParticleSource, config: RefineConfig) -> None:
+        self.out = Path(out)
+        self.source = source
+        self.config = config
+        self.writes = process_layout()[0] == 0
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / "refine_state.json"
+
+    def folder(self, iteration: int) -> Path:
+        return self.out / f"iter_{iteration:03d}"
+
+    def save(
+        self,
+        record: IterationRecord,
+        history: list[IterationRecord],
+        rec: SourceReconstruction,
+        refs: list[torch.Tensor],
+        particles: Particles,
+    ) -> None:
+        if not self.writes:
+            return
+        px = self.source.pixel_size
+        folder = self.folder(record.iteration)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, vol in (("half1", rec.half1), ("half2", rec.half2)):
+            write_map(folder / f"{name}.mrc", Volume(vol.float(), px))
+        for h, ref in enumerate(refs):
+            write_map(folder / f"ref{h + 1}.mrc", Volume(ref.float(), px))
+        np.savez(
+            folder / "poses.npz",
+            rotations=particles.rotation_matrices().numpy(),
+            shifts=np.asarray(particles.shifts),
+        )
+        write_particles(folder / "particles.star", particles)
+        state = {
+            "config": dataclasses.asdict(self.config),
+            "n_particles": len(self.source),
+            "history": [dataclasses.asdict(r) for r in history],
+        }
+        write_text_atomic(self.state_path, json.dumps(state, indent=1))
+
+    def load(
+        self,
+    ) -> tuple[list[IterationRecord], list[torch.Tensor], torch.Tensor, torch.Tensor] | None:
+        """(history, references, rotations, shifts) of the last finished iteration, or None."""
+        if not self.state_path.is_file():
+            return None
+        state = json.loads(self.state_path.read_text())
+        if state.get("n_particles") != len(self.source):
+            raise InputError(
+                f"{self.out} holds a refinement of {state.get('n_particles')} particles, not "
+                f"{len(self.source)}: choose another output folder (-o)"
+            )
+        saved = {k: v for k, v in state["config"].items() if k not in ("iterations", "patience")}
+        now = {k: v for k, v in dataclasses.asdict(self.config).items() if k in saved}
+        if saved != now:
+            diff = sorted(k for k in saved if saved[k] != now.get(k))
+            raise InputError(
+                f"{self.out} holds a refinement with other settings ({', '.join(diff)}): "
+                "repeat its command to resume, or choose another output folder (-o)"
+            )
+        history = [IterationRecord(**r) for r in state["history"]]
+        if not history:
+            return None
+        folder = self.folder(history[-1].iteration)
+        refs = [read_map(folder / f"ref{h}.mrc").data.double() for h in (1, 2)]
+        poses = np.load(folder / "poses.npz")
+        return (
+            history,
+            refs,
+            torch.from_numpy(poses["rotations"]),
+            torch.from_numpy(poses["shifts"]),
+        )
+
+
+def _with_poses(particles: Particles, rotations: torch.Tensor, shifts: torch.Tensor) -> Particles:
+    """A copy of ``particles`` carrying the given poses (RELION angles) and origins (Å)."""
+    angles = matrix_to_euler(rotations.to(torch.float64)).numpy()
+    return dataclasses.replace(
+        particles, angles=angles, shifts=shifts.to(torch.float64).numpy(), has_poses=True
+    )
+
+
+def angular_step(resolution: float, radius: float, min_step: float, max_step: float) -> float:
+    """The local search step (degrees): θ = resolution / (4 · radius) rad, within
+    [``min_step``, ``max_step``]."""
+    theta = math.degrees(resolution / (4.0 * radius))
+    return float(min(max(theta, min_step), max_step))
+
+
+def assign_poses(
+    source: ParticleSource,
+    references: list[torch.Tensor],
+    split: tuple[np.ndarray, np.ndarray],
+    rotations: torch.Tensor | None,
+    shifts: torch.Tensor | None,
+    *,
+    band: float,
+    step: float,
+    search: str,
+    max_shift: float,
+    image_batch: int,
+    show_progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New poses (n, 3, 3) and origins (n, 2) Å of every particle against its half's
+    reference: ``search`` = "global" (grid step ``step``°, normalised correlation) or
+    "local" (passes at step and step/2 around ``rotations``/``shifts``, likelihood).
+    Under ``torchrun`` each process searches its shard; the results are summed (each
+    particle is filled by one process only)."""
+    n = len(source)
+    rank, world = process_layout()
+    mine = shard_indices(n, rank, world)
+    out_rot = torch.zeros(n, 3, 3, dtype=torch.float64)
+    out_shift = torch.zeros(n, 2, dtype=torch.float64)
+    px = source.pixel_size
+    for h, part in enumerate(split):
+        idx = np.intersect1d(part, mine, assume_unique=True)
+        for batch in source.batches(image_batch, indices=idx, center=False):
+            ref = references[h].to(torch.float32)
+            if search == "global":
+                a = global_search(
+                    ref,
+                    batch.images,
+                    batch.ctf,
+                    px,
+                    band=band,
+                    step_deg=step,
+                    max_shift=max_shift,
+                    score="correlation",
+                    show_progress=show_progress,
+                )
+            else:
+                ids = torch.from_numpy(batch.indices)
+                a = refine_local(
+                    ref,
+                    batch.images,
+                    batch.ctf,
+                    px,
+                    rotations[ids],
+                    shifts[ids],
+                    band=band,
+                    steps_deg=(step, step / 2),
+                    max_shift=max(2 * px, 0.5 * max_shift),
+                    show_progress=show_progress,
+                )
+            out_rot[torch.from_numpy(batch.indices)] = a.rotations.to(torch.float64)
+            out_shift[torch.from_numpy(batch.indices)] = a.shifts.to(torch.float64)
+    allreduce_accumulators([out_rot, out_shift])
+    return out_rot, out_shift
+
+
+def _denoise_halves(
+    halves: tuple[torch.Tensor, torch.Tensor],
+    pixel_size: float,
+    prior: Any,
+    mass_kda: float,
+    n_iter: int,
+) -> list[torch.Tensor]:
+    """Each half map denoised on its own by the prior's network (plug-and-play with the
+    half's noise spectrum: twice the average's, from the halves' difference)."""
+    from cryoprior.solvers.denoise import map_intensity_scale, to_prior_grid
+    from cryoprior.solvers.halfmap import HalfMapLikelihood, half_map_noise
+    from cryoprior.solvers.map_baselines import plug_and_play
+    from cryoprior.solvers.prior_reconstruction import prior_grid_plan
+
+    plan = prior_grid_plan(prior, int(halves[0].shape[-1]), float(pixel_size))
+    g = [to_prior_grid(h.to(torch.float64), plan) for h in halves]
+    noise = half_map_noise(g[0], g[1], plan.target_pixel_size)
+    one_half = dataclasses.replace(noise, noise_power=2.0 * noise.noise_power)
+    out = []
+    for gh in g:
+        scale = map_intensity_scale(gh, plan.target_pixel_size, mass_kda).value
+        op = HalfMapLikelihood(gh, one_half)
+        pnp = plug_and_play(prior, op, op.measurement(torch.float32), 1.0, scale, n_iter=n_iter)
+        out.append(plan.map_back(pnp.map.to(torch.float64)))
+    return out
+
+
+def _reconstruct(particles: Particles, seed: int) -> SourceReconstruction:
+    """Both half maps at the particles' poses (sharded under ``torchrun``)."""
+    source = ParticleSource(particles, check=False)
+    return reconstruct_source(source, ssnr="fsc", seed=seed, distributed=True)
+
+
+def _stalled(history: list[IterationRecord], patience: int, first_local: int) -> bool:
+    """Whether the last ``patience`` local iterations gave no finer FSC than before them."""
+    if patience < 1 or len(history) < first_local + patience + 1:
+        return False
+    before = min(r.fsc0143 for r in history[:-patience])
+    return min(r.fsc0143 for r in history[-patience:]) >= before - 1e-3
+
+
+def _mean_change(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.rad2deg(rotation_angle(a, b)).mean())
+
+
+def refine(
+    source: ParticleSource,
+    initial: torch.Tensor,
+    out: str | Path,
+    config: RefineConfig | None = None,
+    *,
+    prior: Any = None,
+    mass_kda: float | None = None,
+    log: Log | None = None,
+    show_progress: bool = False,
+) -> RefineResult:
+    """Refine poses and half maps from ``initial`` (D, D, D, the particles' grid; any
+    scale) — see the module docstring. Resumes from ``out`` when it holds finished
+    iterations of the same particles and settings. ``prior`` (a density-map prior, with
+    ``mass_kda``) denoises each half's reference before every pose assignment."""
+    config = config or RefineConfig()
+    config.validate()
+    log = log or (lambda _msg: None)
+    n, box, px = len(source), source.box, source.pixel_size
+    require(
+        tuple(initial.shape) == (box,) * 3,
+        f"the initial model is {tuple(initial.shape)}, the particles need ({box}, {box}, {box}): "
+        "resample it to the particles' box and pixel size",
+    )
+    if prior is not None and mass_kda is None:
+        raise InputError(
+            "refinement with a prior needs the molecule's mass (--mass-kda or --sequence)"
+        )
+    require(n >= 4, f"refinement needs at least 4 particles, got {n}")
+    max_shift = 4 * px if config.max_shift is None else float(config.max_shift)
+    radius = 0.3 * box * px if config.particle_radius is None else float(config.particle_radius)
+    split = split_halves(n, config.seed)
+    recorder = RefineRecorder(Path(out), source, config)
+    loaded = recorder.load()
+    resumed = loaded is not None
+    if loaded is None:
+        history: list[IterationRecord] = []
+        start = lowpass(initial.to(torch.float64), px, config.initial_lowpass)
+        refs = [start, start.clone()]
+        rotations = shifts = None
+        band, step = float(config.initial_lowpass), float(config.global_step)
+    else:
+        history, refs, rotations, shifts = loaded
+        last = history[-1]
+        band, step = max(last.fsc0143, 2.0 * px), last.step
+        log(f"resuming after iteration {last.iteration} (FSC 0.143 {last.fsc0143:.2f} Å)")
+    nyquist = 2.0 * px
+    particles = source.particles
+    rec = None
+    while len(history) < config.iterations:
+        it = len(history)
+        t0 = time.perf_counter()
+        search = "global" if it < config.global_iterations else "local"
+        if search == "local":
+            step = angular_step(band, radius, config.min_step, step)
+        new_rot, new_shift = assign_poses(
+            source,
+            refs,
+            split,
+            rotations,
+            shifts,
+            band=band,
+            step=step,
+            search=search,
+            max_shift=max_shift,
+            image_batch=config.image_batch,
+            show_progress=show_progress,
+        )
+        change = _mean_change(new_rot, rotations) if rotations is not None else float("nan")
+        moved = (
+            float((new_shift - shifts).norm(dim=-1).mean()) if shifts is not None else float("nan")
+        )
+        rotations, shifts = new_rot, new_shift
+        particles = _with_poses(source.particles, rotations, shifts)
+        rec = _reconstruct(particles, config.seed)
+        fsc_curve = rec.fsc_halves
+        res = float(fsc_curve.resolution_0143)
+        refs = [rec.half1.double(), rec.half2.double()]
+        if prior is not None:
+            refs = _denoise_halves((refs[0], refs[1]), px, prior, mass_kda, config.prior_iterations)
+        record = IterationRecord(
+            iteration=it,
+            search=search,
+            band=band,
+            step=step,
+            fsc0143=res,
+            fsc05=float(fsc_curve.resolution_05),
+            pose_change_deg=change,
+            shift_change=moved,
+            seconds=time.perf_counter() - t0,
+            prior=prior is not None,
+            fsc_curve=[round(float(v), 4) for v in fsc_curve.fsc],
+        )
+        history.append(record)
+        recorder.save(record, history, rec, refs, particles)
+        log(
+            f"iteration {it}: {search} search (band {band:.1f} Å, step {step:.2f}°), "
+            f"half-map FSC 0.143 {res:.2f} Å, mean pose change {change:.2f}°, "
+            f"{record.seconds:.0f} s"
+        )
+        band = max(config.band_factor * res, nyquist)
+        if _stalled(history, config.patience, config.global_iterations):
+            log(f"no finer FSC for {config.patience} iterations: stopping")
+            break
+    if rec is None:  # resumed a finished run: rebuild its maps from the saved poses
+        particles = _with_poses(source.particles, rotations, shifts)
+        rec = _reconstruct(particles, config.seed)
+    return RefineResult(
+        full=rec.full,
+        half1=rec.half1,
+        half2=rec.half2,
+        rotations=rotations,
+        shifts=shifts,
+        split=split,
+        history=history,
+        particles=particles,
+        resumed=resumed,
+    )
+
+
+@dataclass
+class AbInitioConfig:
+    """Settings of :func:`ab_initio`: the bands (Å) of its rounds, the particles per round,
+    the SO(3) grid step (degrees) and the largest origin (Å, default 4 px)."""
+
+    bands: tuple[float, ...] = (40.0, 35.0, 30.0, 25.0, 22.0, 20.0, 20.0, 20.0)
+    subset: int = 1000
+    step: float = 10.0
+    max_shift: float | None = None
+    seed: int = 0
+
+
+def ab_initio(
+    source: ParticleSource,
+    config: AbInitioConfig | None = None,
+    *,
+    log: Log | None = None,
+    show_progress: bool = False,
+) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """A low-resolution initial model (D, D, D) from particles without poses (see the
+    module docstring), and a record per round. Its hand is arbitrary."""
+    config = config or AbInitioConfig()
+    require(len(config.bands) >= 1, "ab initio needs at least one band")
+    log = log or (lambda _msg: None)
+    n, px = len(source), source.pixel_size
+    max_shift = 4 * px if config.max_shift is None else float(config.max_shift)
+    gen = torch.Generator().manual_seed(int(config.seed))
+    k = min(int(config.subset), n)
+    idx = np.sort(torch.randperm(n, generator=gen)[:k].numpy())
+    start = _with_poses(
+        source.particles.subset(idx),
+        random_rotations(k, gen, dtype=torch.float64),
+        torch.zeros(k, 2, dtype=torch.float64),
+    )
+    volume = reconstruct_source(ParticleSource(start, check=False), ssnr=1.0).full.double()
+    volume = lowpass(volume, px, config.bands[0])
+    records = []
+    for r, band in enumerate(config.bands):
+        t0 = time.perf_counter()
+        idx = np.sort(torch.randperm(n, generator=gen)[:k].numpy())
+        subset = ParticleSource(source.particles.subset(idx), check=False)
+        rot, sh = assign_poses(
+            subset,
+            [volume, volume],
+            (np.arange(k), np.zeros(0, dtype=np.int64)),
+            None,
+            None,
+            band=band,
+            step=config.step,
+            search="global",
+            max_shift=max_shift,
+            image_batch=k,
+            show_progress=show_progress,
+        )
+        posed = _with_poses(subset.particles, rot, sh)
+        volume = reconstruct_source(ParticleSource(posed, check=False), ssnr="fsc", seed=r).full
+        volume = lowpass(volume.double(), px, band)
+        records.append({"round": r, "band": band, "seconds": time.perf_counter() - t0})
+        log(
+            f"ab initio round {r}: {k} particles, band {band:.0f} Å, {records[-1]['seconds']:.0f} s"
+        )
+    return volume, records
+
+
+__all__ = [
+    "AbInitioConfig",
+    "IterationRecord",
+    "RefineConfig",
+    "RefineRecorder",
+    "RefineResult",
+    "ab_initio",
+    "angular_step",
+    "assign_poses",
+    "lowpass",
+    "refine",
+]

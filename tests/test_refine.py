@@ -1,0 +1,121 @@
+"""Gold-standard refinement (``cryoprior refine``): poses found without being given, resume
+after a stop, the estimated-pose STAR file, and bad inputs (issue 18)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import starfile
+import torch
+
+from cryoprior.cli.main import main as cli_main
+from cryoprior.core.containers import Volume
+from cryoprior.data.corpus import shipped_records
+from cryoprior.io.mrc import read_map, write_map
+from cryoprior.io.star import read_particles
+from cryoprior.physics.atoms import atoms_to_map
+from cryoprior.physics.simulator import SimulationConfig, simulate_particles
+from cryoprior.solvers.poses import pose_errors
+from cryoprior.solvers.refine import angular_step, lowpass
+
+BOX, PX = 32, 3.0
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """240 CTF-modulated FKBP12 particles (32² at 3 Å/px, SNR 5, shifts ≤ 3 Å)."""
+    folder = tmp_path_factory.mktemp("refine_sim")
+    rec = next(r for r in shipped_records() if r.name == "1fki_A")
+    xyz, el, _ = rec.atoms()
+    truth = atoms_to_map(xyz - xyz.mean(0), el, BOX, PX, bfactors=np.full(len(el), 36.0))
+    cfg = SimulationConfig(n_particles=240, snr=5.0, max_shift=3.0, seed=4, defocus_min=8000)
+    sim = simulate_particles(Volume(truth.float(), PX), cfg, folder, show_progress=False)
+    write_map(folder / "truth.mrc", Volume(truth.float(), PX))
+    return folder, sim.paths["star"]
+
+
+def _refine(star, model, out, iterations, *extra):
+    args = ["refine", str(star), "--initial-model", str(model), "--initial-lowpass", "15"]
+    args += ["--global-step", "15", "--iterations", str(iterations), "--quiet", "-o", str(out)]
+    return cli_main(args + list(extra))
+
+
+def test_lowpass_and_angular_step():
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(24, 24, 24, generator=gen, dtype=torch.float64)
+    low = lowpass(v, 2.0, 8.0)  # cut at shell 24·2/8 = 6
+    k = torch.fft.fftfreq(24, dtype=torch.float64) * 24
+    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    spec = torch.fft.fftn(low).abs()
+    assert float(spec[r > 6.5].max()) < 1e-9
+    assert torch.allclose(spec[r < 3.5], torch.fft.fftn(v).abs()[r < 3.5])
+    # θ = res / (4 r): 8 Å at 30 Å radius is 3.82°, clamped to [min, max]
+    assert angular_step(8.0, 30.0, 0.5, 10.0) == pytest.approx(3.82, abs=0.01)
+    assert angular_step(8.0, 30.0, 0.5, 2.0) == 2.0
+    assert angular_step(0.1, 30.0, 0.5, 10.0) == 0.5
+
+
+def test_cli_refine_finds_poses_resumes_and_writes_a_star_that_reconstructs(stack, tmp_path):
+    folder, star = stack
+    out = tmp_path / "refine"
+    assert _refine(star, folder / "truth.mrc", out, 1) == 0
+    first = (out / "iter_000" / "half1.mrc").stat().st_mtime_ns
+    # a second call with more iterations resumes after iteration 0 instead of redoing it
+    assert _refine(star, folder / "truth.mrc", out, 3) == 0
+    assert (out / "iter_000" / "half1.mrc").stat().st_mtime_ns == first
+    record = json.loads((out / "refine.json").read_text())
+    assert record["resumed"] and record["iterations"] == 3
+    history = json.loads((out / "fsc.json").read_text())["iterations"]
+    assert [h["search"] for h in history] == ["global", "global", "local"]
+    for name in ("map", "half1", "half2"):
+        m = read_map(out / f"{name}.mrc")
+        assert tuple(m.data.shape) == (BOX,) * 3 and m.pixel_size == pytest.approx(PX)
+    assert (out / "fsc.png").stat().st_size > 0
+    # the estimated poses: readable by starfile, close to the truth the method never saw
+    table = starfile.read(out / "run_data.star")
+    assert {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst"} <= set(
+        table["particles"].columns
+    )
+    est, true = read_particles(out / "run_data.star"), read_particles(star)
+    err = pose_errors(
+        est.rotation_matrices(),
+        torch.from_numpy(est.shifts),
+        true.rotation_matrices(),
+        torch.from_numpy(true.shifts),
+    )
+    # (random poses: ~126° median; the 6 Å Nyquist of this grid limits the accuracy)
+    assert err["median_angle_deg"] < 10.0, err
+    assert err["median_shift_angstrom"] < 1.5, err
+    # ... and go back through `cryoprior reconstruct` as they are
+    rec = tmp_path / "rec"
+    assert cli_main(["reconstruct", str(out / "run_data.star"), "--quiet", "-o", str(rec)]) == 0
+    assert json.loads((rec / "reconstruct.json").read_text())["resolution_0143_halves"] < 12.0
+
+
+def test_cli_refine_refuses_bad_inputs_without_output(stack, tmp_path, capsys):
+    folder, star = stack
+    bad = tmp_path / "bad.mrc"
+    write_map(bad, Volume(torch.rand(BOX, BOX, BOX + 2), PX))
+    out = tmp_path / "out"
+    assert _refine(star, bad, out, 1) == 2
+    assert "not a cube" in capsys.readouterr().err
+    assert not out.exists()
+    assert _refine(star, folder / "truth.mrc", out, 1, "--prior") == 2
+    assert "--mass-kda" in capsys.readouterr().err
+    assert not out.exists()
+    # a finished run in the output folder with other settings is not silently mixed in
+    assert _refine(star, folder / "truth.mrc", out, 1) == 0
+    assert _refine(star, folder / "truth.mrc", out, 2, "--max-shift", "9") == 2
+    assert "other settings" in capsys.readouterr().err
+    assert os.path.isfile(out / "iter_000" / "particles.star")
