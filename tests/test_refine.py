@@ -54,12 +54,14 @@ def _refine(star, model, out, iterations, *extra):
 def test_lowpass_and_angular_step():
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(24, 24, 24, generator=gen, dtype=torch.float64)
-    low = lowpass(v, 2.0, 8.0)  # cut at shell 24·2/8 = 6
+    low = lowpass(v, 2.0, 8.0)  # cut at shell 24·2/8 = 6: 1 up to 5, 1/2 at 6, 0 from 7
     k = torch.fft.fftfreq(24, dtype=torch.float64) * 24
     r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
-    spec = torch.fft.fftn(low).abs()
-    assert float(spec[r > 6.5].max()) < 1e-9
-    assert torch.allclose(spec[r < 3.5], torch.fft.fftn(v).abs()[r < 3.5])
+    shell = torch.round(r)
+    spec, full = torch.fft.fftn(low).abs(), torch.fft.fftn(v).abs()
+    assert float(spec[shell >= 7].max()) < 1e-9
+    assert torch.allclose(spec[shell <= 5], full[shell <= 5])
+    assert torch.allclose(spec[shell == 6], 0.5 * full[shell == 6])
     # θ = res / (4 r): 8 Å at 30 Å radius is 3.82°, clamped to [min, max]
     assert angular_step(8.0, 30.0, 0.5, 10.0) == pytest.approx(3.82, abs=0.01)
     assert angular_step(8.0, 30.0, 0.5, 2.0) == 2.0

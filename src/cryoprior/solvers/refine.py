@@ -66,19 +66,21 @@ from cryoprior.solvers.distributed_recon import (
 )
 from cryoprior.solvers.halfmap import shell_filter
 from cryoprior.solvers.poses import global_search, refine_local
-from cryoprior.solvers.postprocess import lowpass_weights
 
 Log = Callable[[str], None]
 
 
 def lowpass(
-    volume: torch.Tensor, pixel_size: float, resolution: float, edge: int = 2
+    volume: torch.Tensor, pixel_size: float, resolution: float, edge: float = 2.0
 ) -> torch.Tensor:
-    """``volume`` (D, D, D) with Fourier shells beyond ``resolution`` Å removed (a cosine
-    edge of ``edge`` shells below the cut)."""
+    """``volume`` (D, D, D) low-passed at ``resolution`` Å: shell weights 1 up to
+    c − edge/2, a raised cosine through 1/2 at the cut c = D·pixel size/resolution
+    (cycles per box, not rounded), 0 from c + edge/2 on (RELION's soft low-pass)."""
     size = int(volume.shape[-1])
-    cut = max(1, int(round(size * pixel_size / resolution)))
-    return shell_filter(volume, lowpass_weights(size, cut, edge))
+    cut = size * pixel_size / require_positive(resolution, "low-pass resolution (Å)")
+    s = torch.arange(size, dtype=torch.float64)
+    t = ((s - (cut - edge / 2)) / max(edge, 1e-9)).clamp(0.0, 1.0)
+    return shell_filter(volume, 0.5 * (1 + torch.cos(math.pi * t)))
 
 
 @dataclass
