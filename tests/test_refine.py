@@ -121,3 +121,42 @@ def test_cli_refine_refuses_bad_inputs_without_output(stack, tmp_path, capsys):
     assert _refine(star, folder / "truth.mrc", out, 2, "--max-shift", "9") == 2
     assert "other settings" in capsys.readouterr().err
     assert os.path.isfile(out / "iter_000" / "particles.star")
+
+
+def test_cli_ab_initio_start_runs_and_records_its_rounds(stack, tmp_path):
+    _, star = stack
+    out = tmp_path / "abinitio"
+    args = ["refine", str(star), "--initial-model", "none", "--abinitio-subset", "120"]
+    args += ["--global-step", "15", "--iterations", "1", "--quiet", "-o", str(out)]
+    assert cli_main(args) == 0
+    record = json.loads((out / "refine.json").read_text())
+    assert len(record["abinitio"]) == 8 and record["abinitio"][-1]["band"] == 20.0
+    model = read_map(out / "abinitio.mrc")
+    assert tuple(model.data.shape) == (BOX,) * 3 and float(model.data.std()) > 0
+    assert read_particles(out / "run_data.star").has_poses
+
+
+def _refine_worker(rank: int, world: int, port: int, star: str, model: str, out: str) -> None:
+    from test_ddp_reconstruct import _torchrun_env
+
+    _torchrun_env(rank, world, port)
+    torch.set_num_threads(1)
+    assert _refine(star, model, out, 2) == 0
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_refine_under_two_ranks_equals_one_process(stack, tmp_path):
+    import torch.multiprocessing as mp
+    from test_ddp_reconstruct import _free_port
+
+    folder, star = stack
+    model = folder / "truth.mrc"
+    args = (2, _free_port(), str(star), str(model), str(tmp_path / "two"))
+    mp.spawn(_refine_worker, args=args, nprocs=2, join=True)
+    assert _refine(star, model, tmp_path / "one", 2) == 0
+    one, two = (read_particles(tmp_path / d / "run_data.star") for d in ("one", "two"))
+    # each particle is searched by one rank against the same references: the same poses
+    assert np.allclose(one.angles, two.angles, atol=1e-4)
+    assert np.allclose(one.shifts, two.shifts, atol=1e-6)
+    a, b = (read_map(tmp_path / d / "map.mrc").data for d in ("one", "two"))
+    assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
