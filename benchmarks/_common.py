@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from pathlib import Path
+
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far (VmHWM), in MB; NaN where unavailable."""
@@ -13,3 +17,20 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def write_results(
+    result: dict,
+    out: Path,
+    name: str,
+    summarise: Callable[[dict], str],
+    plot: Callable[[dict, Path], None],
+) -> None:
+    """``name``.json (the result), ``name``.md (``summarise``) and, once there are rows,
+    ``name``.png (``plot``) in ``out``, each written atomically."""
+    from cryoprior.core.files import write_text_atomic
+
+    write_text_atomic(out / f"{name}.json", json.dumps(result, indent=1))
+    write_text_atomic(out / f"{name}.md", summarise(result))
+    if result["rows"]:
+        plot(result, out / f"{name}.png")

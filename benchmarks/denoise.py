@@ -29,10 +29,27 @@ spectrum of the protein's N = max(--n) halves, denoised with that cell's intensi
 (their integral is 0, so the mass cannot set it); reported: the output's power inside
 the molecular mask relative to the true protein map's there.
 
-Results are written after every cell (resumable). Not measured here yet: the missing-cone
-(preferred orientation) part of issue 17.
+Preferred orientation (--cone; its own pass): per protein one acquisition of
+--cone-n images at SNR --cone-snr whose view directions lie within --cone-tilt degrees of
+the map's z axis (so the Fourier cone of half-angle 90° − tilt around k_z is never
+measured), otherwise simulated as above. Methods: Wiener (``reconstruct_source``, the
+cone left at 0), the prior from the particles (``reconstruct_with_prior``: the
+particles' likelihood knows which Fourier regions it measured), and the prior from the
+two Wiener half maps with the particles' angles (``denoise_half_maps(...,
+view_rotations=...)``, as ``cryoprior denoise --angles``). Scored by the directional FSC
+inside the missing cone (:func:`cryoprior.metrics.cone_fsc`, same mask), the whole-map
+FSC and the masked CC.
+
+Figure (--figure PROTEIN; its own pass): central slices of the truth, the half-map
+average, the post-processed map, the prior mean and its spread for the N = --figure-n
+cell (the same particles as the table), and, if the cone pass has run, xz slices of the
+preferred-orientation maps: denoise_slices.png.
+
+Results are written after every cell (resumable).
 
     python benchmarks/denoise.py                 # 5 proteins, N 1000/3000/10000
+    python benchmarks/denoise.py --cone          # preferred orientation, 5 proteins
+    python benchmarks/denoise.py --figure 1fki_A # the slices figure
     python benchmarks/denoise.py --quick         # 1 protein, N 1000, 5 steps
 """
 
@@ -55,6 +72,7 @@ RESULTS = HERE / "results"
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from _common import write_results  # noqa: E402
 from native_reconstruction import (  # noqa: E402
     PROTEINS,
     SNRS,
@@ -65,6 +83,12 @@ from native_reconstruction import (  # noqa: E402
 )
 
 METHODS = ("average", "lowpass", "postprocess", "pnp", "prior")
+CONE_METHODS = ("wiener", "prior_particles", "prior_halves")
+CONE_LABELS = {
+    "wiener": "Wiener",
+    "prior_particles": "prior (particles)",
+    "prior_halves": "prior (half maps + angles)",
+}
 LABELS = {
     "average": "half-map average",
     "lowpass": "FSC low-pass",
@@ -197,8 +221,52 @@ def summarise(result: dict) -> str:
         ]
         for name, v in result["noise_only"].items():
             lines.append(f"- {name}: {v['power_ratio']:.3f} ({v['seconds']:.0f} s)")
+    lines += cone_summary(result.get("cone") or {})
     lines += ["", f"Command: `{result['command']}`", ""]
+    for key in ("cone_command", "figure_command"):
+        if result.get(key):
+            lines += [f"{key.split('_')[0].capitalize()} pass: `{result[key]}`", ""]
     return "\n".join(lines)
+
+
+def cone_summary(cone: dict) -> list[str]:
+    """Markdown lines for the preferred-orientation pass."""
+    rows = cone.get("rows") or []
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"Preferred orientation: {cone['n']} particles at SNR {cone['snr']}, views within "
+        f"{cone['max_tilt']:g}° of z (a missing cone of half-angle {cone['cone_half_angle']:g}° "
+        "around k_z); FSC₀.₁₄₃ inside that cone (directional FSC) and over the whole "
+        "spectrum vs the truth, Å (96 = never above 0.143), masked CC:",
+        "",
+        "| protein | measured fraction | "
+        + " | ".join(f"{CONE_LABELS[m]} cone / all / CC" for m in CONE_METHODS)
+        + " | Wiener ÷ prior (cone) | prior s |",
+        "|" + "---|" * (len(CONE_METHODS) + 4),
+    ]
+    for r in rows:
+        cells = [
+            f"{r[m]['cone_fsc0143']:.2f} / {r[m]['fsc0143']:.2f} / {r[m]['cc']:.3f}"
+            for m in CONE_METHODS
+        ]
+        ratio = r["wiener"]["cone_fsc0143"] / r["prior_particles"]["cone_fsc0143"]
+        lines.append(
+            f"| {r['protein']} | {r['measured_fraction']:.3f} | "
+            + " | ".join(cells)
+            + f" | {ratio:.2f}× | {r['prior_particles']['seconds']:.0f} |"
+        )
+    if len(rows) > 1:
+        mean = {m: np.mean([r[m]["cone_fsc0143"] for r in rows]) for m in CONE_METHODS}
+        lines += [
+            "",
+            "Mean cone FSC₀.₁₄₃: "
+            + ", ".join(f"{CONE_LABELS[m]} {v:.2f} Å" for m, v in mean.items())
+            + f"; Wiener ÷ prior (particles) {mean['wiener'] / mean['prior_particles']:.2f}×"
+            + f", ÷ prior (half maps) {mean['wiener'] / mean['prior_halves']:.2f}×.",
+        ]
+    return lines
 
 
 def plot(result: dict, path: Path) -> None:
@@ -224,51 +292,20 @@ def plot(result: dict, path: Path) -> None:
 
 
 def save(result: dict, out: Path, name: str) -> None:
-    from cryoprior.core.files import write_text_atomic
-
-    write_text_atomic(out / f"{name}.json", json.dumps(result, indent=1))
-    write_text_atomic(out / f"{name}.md", summarise(result))
-    if result["rows"]:
-        plot(result, out / f"{name}.png")
+    write_results(result, out, name, summarise, plot)
 
 
 def run(args: argparse.Namespace) -> dict:
-    from cryoprior.data.corpus import load_corpus
     from cryoprior.data.patches import bfactor_blur
-    from cryoprior.metrics import spherical_mask
     from cryoprior.physics.composition import protein_mass_kda
     from cryoprior.physics.source import ParticleSource
-    from cryoprior.priors import load_prior
     from cryoprior.solvers.backprojection import reconstruct_source
     from cryoprior.solvers.denoise import map_intensity_scale
     from cryoprior.solvers.halfmap import half_map_noise
 
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{args.name}.json"
-    result = json.loads(path.read_text()) if path.is_file() else {"rows": [], "noise_only": {}}
-    prior = load_prior(args.prior)
-    records = {r.name: r for r in load_corpus(Path(args.corpus), "test")}
-    train = set(prior.metadata.data.get("split", {}).get("train", []))
-    assert not train & set(args.proteins), "a test protein is in the prior's training"
+    out, result, prior, records, sphere = _load(args)
     box, px, snr = args.box, args.pixel_size, args.snr
-    sphere = spherical_mask((box,) * 3, 0.4 * box, soft_edge_px=3.0).double()
-    result.update(
-        benchmark="denoise",
-        prior=str(args.prior),
-        box=box,
-        pixel_size=px,
-        snr=snr,
-        envelope_bfactor=args.envelope,
-        guidance="pigdm_dc",
-        steps=args.steps,
-        samples=args.samples,
-        threads=args.threads,
-        machine=platform.platform(),
-        mask="soft sphere, radius 0.4 box, 3 px cosine edge",
-        command=" ".join(sys.argv),
-    )
+    result.update(describe(args))
     done = {(r["protein"], r["n"]) for r in result["rows"]}
     work = Path(tempfile.mkdtemp(prefix="cryoprior_denoise_"))
     try:
@@ -313,6 +350,269 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def describe(args: argparse.Namespace) -> dict:
+    """The main pass's settings, as recorded in the result."""
+    return dict(
+        benchmark="denoise",
+        prior=str(args.prior),
+        box=args.box,
+        pixel_size=args.pixel_size,
+        snr=args.snr,
+        envelope_bfactor=args.envelope,
+        guidance="pigdm_dc",
+        steps=args.steps,
+        samples=args.samples,
+        threads=args.threads,
+        machine=platform.platform(),
+        mask="soft sphere, radius 0.4 box, 3 px cosine edge",
+        command=" ".join(sys.argv),
+    )
+
+
+def _load(args: argparse.Namespace):
+    """(out folder, result so far, prior, test records, soft sphere mask)."""
+    from cryoprior.data.corpus import load_corpus
+    from cryoprior.metrics import spherical_mask
+    from cryoprior.priors import load_prior
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.name}.json"
+    result = json.loads(path.read_text()) if path.is_file() else {"rows": [], "noise_only": {}}
+    for key, value in describe(args).items():
+        result.setdefault(key, value)
+    prior = load_prior(args.prior)
+    records = {r.name: r for r in load_corpus(Path(args.corpus), "test")}
+    train = set(prior.metadata.data.get("split", {}).get("train", []))
+    assert not train & set(args.proteins), "a test protein is in the prior's training"
+    box = args.box
+    sphere = spherical_mask((box,) * 3, 0.4 * box, soft_edge_px=3.0).double()
+    return out, result, prior, records, sphere
+
+
+def cone_scores(volume, truth, px, sphere, half_angle: float) -> dict:
+    """:func:`score` plus the FSC inside the cone of ``half_angle`` (radians) around k_z."""
+    from cryoprior.metrics import cone_fsc
+
+    f = cone_fsc(volume.double(), truth.double(), px, half_angle, axis=0, mask=sphere)
+    return score(volume, truth, px, sphere) | {
+        "cone_fsc0143": float(f.resolution_0143),
+        "cone_fsc05": float(f.resolution_05),
+        "cone_fsc_curve": [round(float(v), 4) for v in f.fsc],
+    }
+
+
+def run_cone(args: argparse.Namespace) -> dict:
+    """The preferred-orientation pass (see the module docstring)."""
+    import math
+
+    from cryoprior.physics.composition import protein_mass_kda
+    from cryoprior.solvers.backprojection import reconstruct_source
+    from cryoprior.solvers.denoise import denoise_half_maps
+    from cryoprior.solvers.prior_reconstruction import (
+        accumulate_particles,
+        intensity_scale,
+        prior_grid_plan,
+        reconstruct_with_prior,
+    )
+
+    out, result, prior, records, sphere = _load(args)
+    px, half_angle = args.pixel_size, math.radians(90.0 - args.cone_tilt)
+    cone = result.get("cone") or {"rows": []}
+    cone.update(
+        n=args.cone_n,
+        snr=args.cone_snr,
+        max_tilt=args.cone_tilt,
+        cone_half_angle=90.0 - args.cone_tilt,
+        steps=args.steps,
+        samples=args.samples,
+        guidance="pigdm_dc",
+    )
+    result["cone"] = cone
+    result["cone_command"] = " ".join(sys.argv)
+    done = {r["protein"] for r in cone["rows"]}
+    work = Path(tempfile.mkdtemp(prefix="cryoprior_cone_"))
+    try:
+        for name in args.proteins:
+            if name in done:
+                continue
+            rec = records[name]
+            truth = truth_map(rec, args.box, px).double()
+            mass = protein_mass_kda(rec.sequence)
+            seed = 1000 * PROTEINS.index(name) + 500
+            source, measured_snr = simulate(
+                rec,
+                truth,
+                px,
+                args.cone_snr,
+                args.cone_n,
+                seed,
+                args.envelope,
+                work / name,
+                max_tilt=args.cone_tilt,
+            )
+            row = {"protein": name, "n_residues": rec.n_residues, "snr_measured": measured_snr}
+            t = time.perf_counter()
+            wiener = reconstruct_source(source, ssnr="fsc", seed=0)
+            row["wiener"] = cone_scores(wiener.full, truth, px, sphere, half_angle) | {
+                "seconds": time.perf_counter() - t
+            }
+            t = time.perf_counter()
+            plan = prior_grid_plan(prior, source.box, source.pixel_size)
+            data = accumulate_particles(source, plan.target_box, plan.target_pixel_size, plan=plan)
+            scale = intensity_scale(data, mass_kda=mass).value
+            post = reconstruct_with_prior(
+                source,
+                prior,
+                intensity=scale,
+                n_steps=args.steps,
+                n_samples=args.samples,
+                guidance="pigdm_dc",
+                data=data,
+                seed=0,
+            )
+            mean, _, _ = post.on_particle_grid()
+            row["prior_particles"] = cone_scores(mean, truth, px, sphere, half_angle) | {
+                "seconds": time.perf_counter() - t
+            }
+            views = source.particles.rotation_matrices()
+            den = denoise_half_maps(
+                wiener.half1.double(),
+                wiener.half2.double(),
+                px,
+                prior,
+                mass_kda=mass,
+                view_rotations=views,
+                n_steps=args.steps,
+                n_samples=args.samples,
+            )
+            row["prior_halves"] = cone_scores(den.mean, truth, px, sphere, half_angle) | {
+                "seconds": den.seconds["total"]
+            }
+            row["measured_fraction"] = den.measured_fraction
+            cone["rows"].append(row)
+            save(result, out, args.name)
+            if name == (args.figure or args.proteins[0]):  # central xz slices, for the figure
+                c = args.box // 2
+                np.savez_compressed(
+                    out / "denoise_cone_slices.npz",
+                    protein=name,
+                    truth=truth[:, c].float().numpy(),
+                    wiener=wiener.full[:, c].float().numpy(),
+                    prior=mean[:, c].float().numpy(),
+                )
+            print(
+                f"cone {name}: "
+                + ", ".join(
+                    f"{CONE_LABELS[m]} cone {row[m]['cone_fsc0143']:.2f} Å "
+                    f"(all {row[m]['fsc0143']:.2f} Å)"
+                    for m in CONE_METHODS
+                ),
+                flush=True,
+            )
+            shutil.rmtree(work / name, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def run_figure(args: argparse.Namespace) -> None:
+    """Slices of one protein's maps (see the module docstring): denoise_slices.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cryoprior.physics.composition import protein_mass_kda
+    from cryoprior.physics.source import ParticleSource
+    from cryoprior.solvers.backprojection import reconstruct_source
+    from cryoprior.solvers.denoise import denoise_half_maps
+    from cryoprior.solvers.halfmap import half_map_noise
+    from cryoprior.solvers.postprocess import fsc_weighted_sharpened
+
+    out, result, prior, records, _ = _load(args)
+    name, px, n = args.figure, args.pixel_size, args.figure_n
+    rec = records[name]
+    truth = truth_map(rec, args.box, px).double()
+    seed = 1000 * PROTEINS.index(name) + (SNRS.index(args.snr) if args.snr in SNRS else 7)
+    work = Path(tempfile.mkdtemp(prefix="cryoprior_fig_"))
+    try:
+        full, _ = simulate(rec, truth, px, args.snr, max(args.n), seed, args.envelope, work)
+        first = ParticleSource(full.particles.subset(np.arange(n)))
+        halves = reconstruct_source(first, ssnr="fsc", seed=0)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    h1, h2 = halves.half1.double(), halves.half2.double()
+    average = (h1 + h2) / 2
+    sharp = fsc_weighted_sharpened(average, half_map_noise(h1, h2, px)).map
+    post = denoise_half_maps(
+        h1,
+        h2,
+        px,
+        prior,
+        mass_kda=protein_mass_kda(rec.sequence),
+        n_steps=args.steps,
+        n_samples=args.samples,
+    )
+    panels = [
+        ("truth", truth),
+        ("half-map average", average),
+        ("postprocess (sharpened)", sharp),
+        ("prior mean", post.mean),
+        ("prior spread (std)", post.std),
+    ]
+    cone_file = out / "denoise_cone_slices.npz"
+    cone = dict(np.load(cone_file)) if cone_file.is_file() else None
+    rows = 3 if cone is None else 4
+    fig, axes = plt.subplots(rows, 5, figsize=(12, 2.5 * rows))
+    c = args.box // 2
+    for j, (title, vol) in enumerate(panels):
+        for i, (label, sl) in enumerate((("z", vol[c]), ("y", vol[:, c]), ("x", vol[:, :, c]))):
+            ax = axes[i, j]
+            ax.imshow(sl.float().numpy(), cmap="gray", origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(f"central {label} slice", fontsize=8)
+    if cone is not None:
+        who = str(cone["protein"])
+        cone_panels = [(f"{who} truth", "truth"), ("Wiener, cone missing", "wiener")]
+        cone_panels.append(("prior mean, cone missing", "prior"))
+        for j in range(5):
+            axes[3, j].axis("off")
+        for j, (title, key) in enumerate(cone_panels):
+            ax = axes[3, j]
+            ax.axis("on")
+            ax.imshow(cone[key], cmap="gray", origin="lower")
+            ax.set_title(title + " (xz)", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(
+        f"{name}: half maps from {n} particles, SNR {args.snr} (64³, {px} Å/px)", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(out / "denoise_slices.png", dpi=110)
+    plt.close(fig)
+    result["figure_command"] = " ".join(sys.argv)
+    save(result, out, args.name)
+
+
+def render(args: argparse.Namespace) -> None:
+    """Merge ``NAME_cone.json``'s cone pass into ``NAME.json`` and rewrite the outputs."""
+    out = Path(args.out)
+    result = json.loads((out / f"{args.name}.json").read_text())
+    cone_path = out / f"{args.name}_cone.json"
+    if cone_path.is_file():
+        cone = json.loads(cone_path.read_text())
+        result["cone"] = cone.get("cone")
+        result["cone_command"] = cone.get("cone_command")
+        result["figure_command"] = cone.get("figure_command", result.get("figure_command"))
+    save(result, out, args.name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prior", default=str(ROOT / "src/cryoprior/assets/priors/volume_native"))
@@ -328,13 +628,32 @@ def main() -> None:
     ap.add_argument("--no-noise-only", dest="noise_only", action="store_false")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="denoise")
+    ap.add_argument("--cone", action="store_true", help="the preferred-orientation pass")
+    ap.add_argument("--cone-n", type=int, default=3000)
+    ap.add_argument("--cone-snr", type=float, default=0.1)
+    ap.add_argument("--cone-tilt", type=float, default=60.0, help="max view tilt, degrees")
+    ap.add_argument("--figure", default=None, help="protein of the slices figure pass")
+    ap.add_argument("--figure-n", type=int, default=3000)
+    ap.add_argument(
+        "--render",
+        action="store_true",
+        help="rewrite NAME.md/.png from NAME.json, with the cone pass of NAME_cone.json "
+        "(a cone pass run beside the main pass under --name NAME_cone)",
+    )
     ap.add_argument("--quick", action="store_true", help="1 protein, N 1000, 5 steps")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     if args.quick:
         args.proteins, args.n, args.steps, args.samples = ["1fki_A"], [1000], 5, 2
         args.name = args.name + "_quick"
-    run(args)
+    if args.render:
+        render(args)
+    elif args.cone:
+        run_cone(args)
+    elif args.figure:
+        run_figure(args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

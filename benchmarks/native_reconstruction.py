@@ -62,7 +62,7 @@ RESULTS = HERE / "results"
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _common import peak_rss_mb  # noqa: E402
+from _common import peak_rss_mb, write_results  # noqa: E402
 
 PROTEINS = ("5pti_A", "1fki_A", "3aqg_A", "2qdl_A", "protein_A")
 SNRS = (0.1, 0.03, 0.01)
@@ -107,21 +107,21 @@ def load_result(path: Path) -> dict:
 
 
 def save_result(result: dict, out: Path, name: str) -> None:
-    from cryoprior.core.files import write_text_atomic
-
-    write_text_atomic(out / f"{name}.json", json.dumps(result, indent=1))
-    write_text_atomic(out / f"{name}.md", summarise(result))
-    if result["rows"]:
-        plot(result, out / f"{name}.png")
+    write_results(result, out, name, summarise, plot)
 
 
-def simulate(rec, truth, px, snr, n, seed, envelope, folder):
+def simulate(rec, truth, px, snr, n, seed, envelope, folder, max_tilt=None):
     from cryoprior.core.containers import Volume
     from cryoprior.physics.simulator import SimulationConfig, simulate_particles
     from cryoprior.physics.source import ParticleSource
 
     config = SimulationConfig(
-        n_particles=n, snr=snr, envelope_bfactor=envelope, seed=seed, chunk_size=500
+        n_particles=n,
+        snr=snr,
+        envelope_bfactor=envelope,
+        max_tilt=max_tilt,
+        seed=seed,
+        chunk_size=500,
     )
     sim = simulate_particles(Volume(truth, px), config, folder, show_progress=False)
     return ParticleSource.from_star(sim.paths["star"]), sim.measured_snr

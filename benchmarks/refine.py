@@ -50,6 +50,7 @@ RESULTS = HERE / "results"
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from _common import write_results  # noqa: E402
 from native_reconstruction import PROTEINS, score, truth_map  # noqa: E402
 
 DEFAULT_PROTEINS = ("protein_A", "2qdl_A", "3aqg_A")
@@ -224,7 +225,8 @@ def plot(result: dict, path: Path) -> None:
             )
     ax.set_xlabel("iteration")
     ax.set_ylabel("half-map FSC 0.143 (Å)")
-    ax.legend(fontsize=7)
+    if ax.lines:
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -232,12 +234,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def save(result: dict, out: Path, name: str) -> None:
-    from cryoprior.core.files import write_text_atomic
-
-    write_text_atomic(out / f"{name}.json", json.dumps(result, indent=1))
-    write_text_atomic(out / f"{name}.md", summarise(result))
-    if result["rows"]:
-        plot(result, out / f"{name}.png")
+    write_results(result, out, name, summarise, plot)
 
 
 def run(args: argparse.Namespace) -> dict:

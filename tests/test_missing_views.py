@@ -22,14 +22,6 @@ from cryoprior.solvers.halfmap import half_map_noise, measured_fourier_mask, rff
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _rfft_k(d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(kz, ky, kx) broadcastable on the rfft grid, and |k|."""
     k = torch.fft.fftfreq(d, dtype=F64) * d

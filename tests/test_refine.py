@@ -24,14 +24,6 @@ from cryoprior.solvers.refine import angular_step, lowpass
 BOX, PX = 32, 3.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """240 CTF-modulated FKBP12 particles (32² at 3 Å/px, SNR 5, shifts ≤ 3 Å)."""
