@@ -62,7 +62,8 @@ def test_attention_keeps_batch_elements_independent(gen):
     # a batch element's output must not depend on another batch element
     x2 = torch.cat([x, torch.randn(1, 1, 16, 16, generator=gen)])
     c = torch.tensor([0.3, 0.3])
-    assert torch.allclose(attn(x2, c)[:1], attn(x, c[:1]), atol=1e-6)
+    # (float32 batched vs single convolutions differ by ~1e-5; a leak would be ~1e-1)
+    assert torch.allclose(attn(x2, c)[:1], attn(x, c[:1]), atol=1e-4)
 
 
 @pytest.mark.parametrize("size", [(30, 28), (28, 14), (17, 16)])

@@ -157,7 +157,16 @@ def main(args: argparse.Namespace) -> int:
             image_batch=args.batch_size,
             seed=args.seed,
         )
-        result = refine(source, initial, out, config, prior=prior, mass_kda=mass, log=log)
+        result = refine(
+            source,
+            initial,
+            out,
+            config,
+            prior=prior,
+            mass_kda=mass,
+            log=log,
+            show_progress=env.is_main and not args.quiet,
+        )
     finally:
         ddp.cleanup(env)
     if not env.is_main:

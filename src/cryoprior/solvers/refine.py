@@ -131,8 +131,8 @@ class IterationRecord:
     step: float
     fsc0143: float
     fsc05: float
-    pose_change_deg: float
-    shift_change: float
+    pose_change_deg: float | None
+    shift_change: float | None
     seconds: float
     prior: bool = False
     fsc_curve: list[float] = field(default_factory=list)
@@ -406,7 +406,7 @@ def refine(
     else:
         history, refs, rotations, shifts = loaded
         last = history[-1]
-        band, step = max(last.fsc0143, 2.0 * px), last.step
+        band, step = max(config.band_factor * last.fsc0143, 2.0 * px), last.step
         log(f"resuming after iteration {last.iteration} (FSC 0.143 {last.fsc0143:.2f} Å)")
     nyquist = 2.0 * px
     particles = source.particles
@@ -430,10 +430,8 @@ def refine(
             image_batch=config.image_batch,
             show_progress=show_progress,
         )
-        change = _mean_change(new_rot, rotations) if rotations is not None else float("nan")
-        moved = (
-            float((new_shift - shifts).norm(dim=-1).mean()) if shifts is not None else float("nan")
-        )
+        change = _mean_change(new_rot, rotations) if rotations is not None else None
+        moved = float((new_shift - shifts).norm(dim=-1).mean()) if shifts is not None else None
         rotations, shifts = new_rot, new_shift
         particles = _with_poses(source.particles, rotations, shifts)
         rec = _reconstruct(particles, config.seed)
@@ -459,7 +457,9 @@ def refine(
         recorder.save(record, history, rec, refs, particles)
         log(
             f"iteration {it}: {search} search (band {band:.1f} Å, step {step:.2f}°), "
-            f"half-map FSC 0.143 {res:.2f} Å, mean pose change {change:.2f}°, "
+            f"half-map FSC 0.143 {res:.2f} Å"
+            + ("" if change is None else f", mean pose change {change:.2f}°")
+            + ", "
             f"{record.seconds:.0f} s"
         )
         band = max(config.band_factor * res, nyquist)
