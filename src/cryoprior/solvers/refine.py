@@ -91,7 +91,9 @@ class RefineConfig:
     compares at that band. ``global_step``: the SO(3) grid step of the global search.
     ``max_shift``: the largest origin searched (default 4 px). ``particle_radius``: for the
     angular step (default 0.3 · box). ``min_step``: the finest local step. ``patience``:
-    iterations without a finer FSC before stopping. ``band_factor``: the next search
+    iterations without a finer FSC before stopping. ``global_finest``: global searches
+    compare no finer than this (Å): a 7.5° grid gains nothing from finer detail, and the
+    cost grows with the band's area. ``band_factor``: the next search
     compares up to this fraction of the half maps' FSC 0.143 resolution (a few shells
     beyond it, as RELION; the Wiener-filtered references weigh those shells down).
     ``prior_iterations``: network evaluations of the plug-and-play denoising of the
@@ -102,6 +104,7 @@ class RefineConfig:
     initial_lowpass: float = 30.0
     global_step: float = 7.5
     global_iterations: int = 2
+    global_finest: float = 10.0
     band_factor: float = 0.85
     max_shift: float | None = None
     particle_radius: float | None = None
@@ -417,6 +420,8 @@ def refine(
         search = "global" if it < config.global_iterations else "local"
         if search == "local":
             step = angular_step(band, radius, config.min_step, step)
+        if search == "global":
+            band = max(band, min(config.global_finest, config.initial_lowpass))
         new_rot, new_shift = assign_poses(
             source,
             refs,
