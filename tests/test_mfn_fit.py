@@ -31,29 +31,13 @@ from cryoprior.physics.simulator import (
     simulate_particles,
 )
 from cryoprior.physics.source import ParticleSource
-from cryoprior.solvers.mfn_fit import (
-    BandSearchModel,
-    MFNFitConfig,
-    Stage,
-    data_spectra,
-    fit_mfn,
-    format_stages,
-    fourier_crop,
-    model_spectra,
-    parse_stages,
-    refine_poses,
-    search_grid,
-    working_grid,
-)
-from cryoprior.solvers.poses import (
-    PosePrior,
-    align_poses,
-    global_alignment,
-    perturb_poses,
-    pose_errors,
-    rotation_log,
-    search_offsets,
-)
+from cryoprior.solvers.mfn_config import MFNFitConfig, Stage, format_stages, parse_stages
+from cryoprior.solvers.mfn_fit import fit_mfn
+from cryoprior.solvers.mfn_poses import BandSearchModel, refine_poses, search_grid
+from cryoprior.solvers.mfn_render import data_spectra, fourier_crop, model_spectra, working_grid
+from cryoprior.solvers.pose_frames import align_poses, global_alignment, perturb_poses, pose_errors
+from cryoprior.solvers.pose_grids import rotation_log, search_offsets
+from cryoprior.solvers.poses import PosePrior
 
 # three blobs, no symmetry: poses are identifiable (x, y, z in voxels of a 24-voxel box)
 CENTRES = torch.tensor([[3.0, -2.0, 1.0], [-4.0, 2.0, 0.0], [0.0, 3.0, -3.5], [1.5, 0.5, 3.0]])

@@ -19,16 +19,10 @@ from cryoprior.physics.simulator import (
     SimulationConfig,
     draw_particle_parameters,
 )
-from cryoprior.solvers.poses import (
-    BandModel,
-    ReferenceProjector,
-    global_search,
-    local_search,
-    perturb_poses,
-    refine_local,
-    shift_offsets,
-    so3_grid,
-)
+from cryoprior.solvers.pose_frames import perturb_poses
+from cryoprior.solvers.pose_grids import shift_offsets, so3_grid
+from cryoprior.solvers.pose_reference import BandModel, ReferenceProjector
+from cryoprior.solvers.poses import global_search, local_search, refine_local
 
 BOX, PX = 32, 2.0  # 64 Å box
 

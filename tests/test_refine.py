@@ -18,7 +18,7 @@ from cryoprior.io.mrc import read_map, write_map
 from cryoprior.io.star import read_particles
 from cryoprior.physics.atoms import atoms_to_map
 from cryoprior.physics.simulator import SimulationConfig, simulate_particles
-from cryoprior.solvers.poses import pose_errors
+from cryoprior.solvers.pose_frames import pose_errors
 from cryoprior.solvers.refine import angular_step, lowpass
 
 BOX, PX = 32, 3.0

@@ -29,19 +29,17 @@ from cryoprior.geometry.rotations import matrix_to_euler
 from cryoprior.io.mrc import write_map
 from cryoprior.io.star import write_particles
 from cryoprior.physics.source import ParticleSource
-from cryoprior.solvers.mfn_fit import (
+from cryoprior.solvers.mfn_config import (
     INITS,
     NETWORKS,
     POSE_SEARCHES,
     SEARCH_ESTIMATES,
     MFNFitConfig,
-    MFNFitResult,
-    fit_mfn,
     format_stages,
-    network_summary,
     parse_stages,
 )
-from cryoprior.solvers.poses import perturb_poses, pose_errors
+from cryoprior.solvers.mfn_fit import MFNFitResult, fit_mfn, network_summary
+from cryoprior.solvers.pose_frames import perturb_poses, pose_errors
 
 DEFAULTS = MFNFitConfig()
 

@@ -63,9 +63,11 @@ finer cubes (:func:`lattice_search`) or passes with halving steps (:func:`refine
 refine the estimate; the estimate of a level is the best candidate or the posterior mean
 (weights exp(−L/2σ²)); a Gaussian prior on the move (:class:`PosePrior`) is optional.
 
-Frames. Poses estimated against a map are only defined up to the map's rigid motion:
-:func:`global_alignment` finds it against reference poses, :func:`align_poses` applies it,
-:func:`pose_errors` reports errors before and after.
+The reference's slices and the model spectra (:class:`ReferenceProjector`,
+:class:`BandModel`) are in :mod:`cryoprior.solvers.pose_reference`; lattices (the SO(3)
+grid, rotation and shift offsets, :class:`SearchGrid`) in
+:mod:`cryoprior.solvers.pose_grids`; frames of estimated poses (alignment to reference
+poses, pose errors) in :mod:`cryoprior.solvers.pose_frames`.
 """
 
 from __future__ import annotations
@@ -79,17 +81,19 @@ import torch
 
 from cryoprior.core.errors import require, require_positive
 from cryoprior.core.runtime import progress
-from cryoprior.geometry.grids import centered_indices
-from cryoprior.geometry.rotations import (
-    axis_angle_to_matrix,
-    euler_to_matrix,
-    matrix_to_quaternion,
-    rotation_angle,
+from cryoprior.geometry.rotations import axis_angle_to_matrix
+from cryoprior.physics.ctf import CTFParams
+from cryoprior.solvers.pose_frames import align_poses, global_alignment, perturb_poses, pose_errors
+from cryoprior.solvers.pose_grids import (
+    SearchGrid,
+    cube_offsets,
+    rotation_log,
+    search_offsets,
+    shift_offsets,
+    so3_grid,
+    sphere_directions,
 )
-from cryoprior.physics.ctf import CTFParams, evaluate_ctf
-from cryoprior.physics.degrade import fourier_resize
-from cryoprior.physics.fourier_slice import rfft2_c
-from cryoprior.physics.projection import Projector
+from cryoprior.solvers.pose_reference import BandModel, ReferenceProjector, band_box
 
 SCORES = ("likelihood", "correlation")
 ESTIMATES = ("best", "mean")
@@ -97,395 +101,6 @@ ESTIMATES = ("best", "mean")
 # Candidate × image × frequency values handled per chunk of a local search (bounds its
 # work arrays: about 80 MB).
 _SEARCH_VALUES_PER_CHUNK = 2**20
-
-
-# ---------------------------------------------------------------------------------------
-# rotations: logarithm, lattices, a grid on SO(3)
-
-
-def rotation_log(rotations: torch.Tensor) -> torch.Tensor:
-    """Axis-angle vectors (..., 3) (radians, angle in [0, π]) of rotations (..., 3, 3).
-
-    The inverse of :func:`cryoprior.geometry.rotations.axis_angle_to_matrix`, through the
-    unit quaternion (w, v) = (cos θ/2, sin θ/2 · u): θ u = 2 atan2(|v|, w) v / |v|.
-    """
-    q = matrix_to_quaternion(rotations)  # w >= 0
-    w, v = q[..., :1], q[..., 1:]
-    sin_half = v.norm(dim=-1, keepdim=True)
-    angle = 2 * torch.atan2(sin_half, w)
-    factor = torch.where(sin_half > 1e-9, angle / sin_half.clamp_min(1e-9), 2.0 / w.clamp_min(0.5))
-    return v * factor
-
-
-def search_offsets(radius: float, step: float) -> torch.Tensor:
-    """Axis-angle offsets (C, 3) in radians: the cubic lattice of spacing ``step`` inside
-    the ball |δ| ≤ ``radius`` (radians), ordered by |δ| (δ = 0 first)."""
-    require(radius >= 0 and step > 0, f"search radius must be >= 0, step > 0: {radius}, {step}")
-    n = int(math.floor(radius / step + 1e-9))
-    axis = torch.arange(-n, n + 1, dtype=torch.float64) * step
-    lattice = torch.cartesian_prod(axis, axis, axis).reshape(-1, 3)
-    norms = lattice.norm(dim=-1)
-    keep = norms <= radius * (1 + 1e-9) + 1e-12
-    order = torch.argsort(norms[keep], stable=True)
-    return lattice[keep][order]
-
-
-def shift_offsets(max_shift: float, step: float) -> torch.Tensor:
-    """Shifts (S, 2) in Å: the square lattice of spacing ``step`` Å inside the disc
-    |t| ≤ ``max_shift`` Å, ordered by |t| (t = 0 first)."""
-    require(max_shift >= 0 and step > 0, f"max shift must be >= 0, step > 0: {max_shift}, {step}")
-    m = int(math.floor(max_shift / step + 1e-9))
-    axis = torch.arange(-m, m + 1, dtype=torch.float64) * step
-    disc = torch.cartesian_prod(axis, axis).reshape(-1, 2)
-    disc = disc[disc.norm(dim=-1) <= max_shift * (1 + 1e-9) + 1e-12]
-    return disc[torch.argsort(disc.norm(dim=-1), stable=True)]
-
-
-def _cube_offsets(step: float, dim: int) -> torch.Tensor:
-    """The 3^dim offsets step·{-1, 0, 1}^dim (zero first): one refinement level, which
-    covers the cell of a lattice of spacing 3·step around its centre."""
-    axis = torch.tensor([0.0, -1.0, 1.0], dtype=torch.float64) * step
-    return torch.cartesian_prod(*([axis] * dim)).reshape(-1, dim)
-
-
-def sphere_directions(n: int) -> torch.Tensor:
-    """``n`` near-uniform unit vectors (n, 3) as (x, y, z): the Fibonacci sphere.
-
-    z_j = 1 − (2j + 1)/n, azimuth j·π(3 − √5) (the golden angle): every point owns an area
-    4π/n, neighbours sit about √(4π/n) radians apart.
-    """
-    require(n >= 1, f"need at least one direction, got {n}")
-    j = torch.arange(n, dtype=torch.float64)
-    z = 1 - (2 * j + 1) / n
-    r = torch.sqrt((1 - z * z).clamp_min(0.0))
-    phi = j * (math.pi * (3 - math.sqrt(5)))
-    return torch.stack([r * torch.cos(phi), r * torch.sin(phi), z], -1)
-
-
-def so3_grid(step_deg: float) -> torch.Tensor:
-    """A near-uniform grid of rotations (M, 3, 3) float64 on SO(3) at spacing ~``step_deg``.
-
-    View directions (the volume-frame direction Rᵀ e_z imaged along z) on a Fibonacci sphere
-    of ⌈4π/Δ²⌉ points (Δ = step in radians; neighbours ~Δ apart), times ⌈2π/Δ⌉ in-plane
-    angles ψ equally spaced in [0, 2π): R = euler_to_matrix(rot, tilt, ψ) (RELION ZYZ), with
-    (rot, tilt) the direction's azimuth and polar angle. Ordered direction-major. Size
-    M ≈ 8π²/Δ³ (7.5°: 35,232; 15°: 4,416), each rotation owning a cell of volume ~Δ³ of
-    SO(3) (volume 8π² in the geodesic metric).
-
-    Achieved spacing (measured: geodesic angle from 3,000-20,000 uniformly random rotations
-    to the nearest grid rotation, steps 5°-30°): mean 0.48 Δ, maximum 0.79-0.84 Δ, so every
-    rotation lies within ~0.85 step of the grid and the best grid rotation of a particle is
-    typically within half a step of its pose.
-    """
-    step_deg = require_positive(step_deg, "grid step (degrees)")
-    require(step_deg <= 90.0, f"grid step must be <= 90 degrees, got {step_deg}")
-    step = math.radians(step_deg)
-    n_dir = max(2, math.ceil(4 * math.pi / step**2))
-    n_psi = max(1, math.ceil(2 * math.pi / step))
-    d = sphere_directions(n_dir)
-    tilt = torch.arccos(d[:, 2].clamp(-1.0, 1.0))
-    rot = torch.atan2(d[:, 1], d[:, 0])
-    psi = torch.arange(n_psi, dtype=torch.float64) * (2 * math.pi / n_psi)
-    angles = torch.stack(
-        [rot.repeat_interleave(n_psi), tilt.repeat_interleave(n_psi), psi.repeat(n_dir)], -1
-    )
-    return euler_to_matrix(angles)
-
-
-# ---------------------------------------------------------------------------------------
-# poses: perturbation, alignment of frames, errors
-
-
-def perturb_poses(
-    rotations: torch.Tensor,
-    shifts: torch.Tensor | np.ndarray,
-    angle_deg: float,
-    shift_angstrom: float = 0.0,
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Poses moved by exactly ``angle_deg`` about uniformly random axes (for experiments).
-
-    R' = exp(θ u) R with u uniform on the sphere and θ = angle_deg; shifts (Å) move by
-    ``shift_angstrom`` in a uniformly random in-plane direction. Returns (N,3,3) float64
-    rotations and (N,2) float64 shifts.
-    """
-    require(angle_deg >= 0 and shift_angstrom >= 0, "perturbations must be >= 0")
-    rot = torch.as_tensor(rotations, dtype=torch.float64)
-    sh = torch.as_tensor(np.asarray(shifts), dtype=torch.float64)
-    n = rot.shape[0]
-    g = torch.Generator().manual_seed(int(seed))
-    axis = torch.randn(n, 3, generator=g, dtype=torch.float64)
-    axis = axis / axis.norm(dim=-1, keepdim=True)
-    phi = 2 * math.pi * torch.rand(n, generator=g, dtype=torch.float64)
-    moved = axis_angle_to_matrix(axis * math.radians(angle_deg)) @ rot
-    step = shift_angstrom * torch.stack([torch.cos(phi), torch.sin(phi)], -1)
-    return moved, sh + step
-
-
-def _project_to_rotation(m: torch.Tensor) -> torch.Tensor:
-    """The rotation nearest to a 3×3 matrix (SVD, det = +1)."""
-    u, _, vt = torch.linalg.svd(m)
-    d = torch.sign(torch.linalg.det(u @ vt))
-    fix = torch.diag(torch.stack([torch.ones_like(d), torch.ones_like(d), d]))
-    return u @ fix @ vt
-
-
-def global_alignment(
-    rotations: torch.Tensor,
-    shifts: torch.Tensor,
-    ref_rotations: torch.Tensor,
-    ref_shifts: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rigid motion (A, c) relating an estimated frame to a reference one.
-
-    A: the rotation with R_i ≈ R_ref,i A (least squares: the rotation nearest to
-    mean_i R_ref,iᵀ R_i). c (Å, (x, y, z)): least-squares solution of
-    s_ref,i - s_i = (R_i Aᵀ c)_xy over all particles. The estimated map V corresponds to
-    the reference-frame map V(Aᵀ(r - c)) (e.g.
-    :func:`cryoprior.solvers.mfn_fit.render_aligned`), the poses to
-    (R_i Aᵀ, s_i + (R_i Aᵀ c)_xy) (:func:`align_poses`).
-    """
-    r = torch.as_tensor(rotations, dtype=torch.float64)
-    rr = torch.as_tensor(ref_rotations, dtype=torch.float64)
-    a = _project_to_rotation((rr.transpose(-1, -2) @ r).mean(0))
-    aligned = r @ a.T
-    rows = aligned[:, :2, :].reshape(-1, 3)
-    rhs = (
-        torch.as_tensor(ref_shifts, dtype=torch.float64)
-        - torch.as_tensor(shifts, dtype=torch.float64)
-    ).reshape(-1, 1)
-    c = torch.linalg.lstsq(rows, rhs).solution.reshape(3)
-    return a, c
-
-
-def align_poses(
-    rotations: torch.Tensor, shifts: torch.Tensor, a: torch.Tensor, c: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Poses in the reference frame of :func:`global_alignment`: (R Aᵀ, s + (R Aᵀ c)_xy)."""
-    r = torch.as_tensor(rotations, dtype=torch.float64) @ a.to(torch.float64).T
-    s = torch.as_tensor(shifts, dtype=torch.float64) + (r @ c.to(torch.float64))[:, :2]
-    return r, s
-
-
-def pose_errors(
-    rotations: torch.Tensor,
-    shifts: torch.Tensor,
-    ref_rotations: torch.Tensor,
-    ref_shifts: torch.Tensor,
-    align: bool = True,
-) -> dict[str, float]:
-    """Per-particle pose errors against reference poses, summarised.
-
-    Angle: geodesic angle between R_i and R_ref,i in degrees; shift: |s_i - s_ref,i| in Å.
-    With ``align`` the global rigid motion of :func:`global_alignment` is removed first
-    (and its rotation angle in degrees and translation in Å are reported).
-    """
-    r = torch.as_tensor(rotations, dtype=torch.float64)
-    s = torch.as_tensor(shifts, dtype=torch.float64)
-    out: dict[str, float] = {}
-    if align:
-        a, c = global_alignment(r, s, ref_rotations, ref_shifts)
-        r, s = align_poses(r, s, a, c)
-        out["frame_rotation_deg"] = math.degrees(
-            float(rotation_angle(a, torch.eye(3, dtype=torch.float64)))
-        )
-        out["frame_translation_angstrom"] = float(c.norm())
-    ang = torch.rad2deg(rotation_angle(r, torch.as_tensor(ref_rotations, dtype=torch.float64)))
-    dist = (s - torch.as_tensor(ref_shifts, dtype=torch.float64)).norm(dim=-1)
-    out.update(
-        mean_angle_deg=float(ang.mean()),
-        median_angle_deg=float(ang.median()),
-        mean_shift_angstrom=float(dist.mean()),
-        median_shift_angstrom=float(dist.median()),
-    )
-    return out
-
-
-# ---------------------------------------------------------------------------------------
-# the reference projector and the model spectra of candidate poses
-
-
-def band_box(full: int, band: float) -> int:
-    """The smallest even grid (at least 8, at most ``full``) whose Nyquist exceeds
-    ``band`` (cycles per box): 2⌈band⌉ + 2."""
-    size = 2 * math.ceil(band) + 2
-    return full if size >= full else max(size, min(full, 8))
-
-
-class ReferenceProjector:
-    """Central slices of a map's spectrum at the half-band frequencies, for pose search.
-
-    Frequencies: the integer k = (kx, ky) (cycles per box) of a ``box`` × ``box`` centred
-    grid with |k| ≤ ``band`` on the half plane kx > 0, or kx = 0 and ky ≥ 0, in row-major
-    (ky, kx) order; ``k`` (n, 2) float32, ``weight`` (n,) 2 (1 at DC), so weighted sums
-    equal sums over the whole band of a real image. ``band_mask`` (box, box) marks the band,
-    ``plane`` (box, box) the frequencies kept, and ``half_of_band`` (n_band,) which of the
-    band's entries (row-major) are kept.
-
-    ``volume_ft`` is a :class:`~cryoprior.physics.projection.Projector`'s padded,
-    gridding-corrected centred 3-D spectrum (Dp³) of a map on a ``box``³ grid, built with
-    the ``"linear"`` kernel so that the trilinear sampling here matches its correction. A
-    slice at rotation R holds its samples at Rᵀ(kx, ky, 0) · Dp/box times ``scale`` (the
-    spectral scale (D/box)³ when the map was Fourier-cropped from the data's D-grid).
-    ``length`` is the box length in Å (shift phases, CTF frequencies k/length cycles/Å).
-    """
-
-    def __init__(
-        self, volume_ft: torch.Tensor, box: int, band: float, length: float, scale: float = 1.0
-    ) -> None:
-        require(
-            volume_ft.ndim == 3 and len(set(volume_ft.shape)) == 1,
-            f"volume_ft must be a cubic (Dp, Dp, Dp) spectrum, got {tuple(volume_ft.shape)}",
-        )
-        require(0 < band <= box / 2 + 1e-9, f"band must be in (0, {box / 2}], got {band}")
-        self.box = int(box)
-        self.band = float(band)
-        self.length = require_positive(length, "box length (Å)")
-        self.scale = float(scale)
-        self.padded = int(volume_ft.shape[-1])
-        ky, kx = torch.meshgrid(
-            centered_indices(box, torch.float64),
-            centered_indices(box, torch.float64),
-            indexing="ij",
-        )
-        self.band_mask = (kx**2 + ky**2).sqrt() <= band + 1e-9
-        half = (kx > 0) | ((kx == 0) & (ky >= 0))
-        self.half_of_band = half[self.band_mask]
-        self.plane = self.band_mask & half
-        self.k = torch.stack([kx[self.plane], ky[self.plane]], -1).to(torch.float32)  # (n, 2)
-        self.weight = torch.where((self.k == 0).all(-1), 1.0, 2.0)
-        self.n_coefficients = float(self.weight.sum())  # coefficients of the whole band
-        real = torch.view_as_real(volume_ft.detach().to(torch.complex64))
-        self.volume = real.permute(3, 0, 1, 2).unsqueeze(0).contiguous()  # (1, 2, Dp, Dp, Dp)
-
-    @classmethod
-    def from_volume(
-        cls, volume: torch.Tensor, pixel_size: float, band: float, pad: float = 2.0
-    ) -> ReferenceProjector:
-        """The projector of a (D, D, D) map (pixel size Å/px) at the band ``band`` Å.
-
-        The map is Fourier-cropped to :func:`band_box` (D' ≥ 2⌈b⌉ + 2, b = D·p/band cycles
-        per box, the same physical box), zero-padded by ``pad`` and gridding-corrected;
-        slices are scaled by (D/D')³ to match the spectra of D × D images.
-        """
-        pixel_size = require_positive(pixel_size, "pixel size (Å/px)")
-        band = require_positive(band, "band (Å)")
-        require(
-            volume.ndim == 3 and len(set(volume.shape)) == 1,
-            f"the reference must be a cubic (D, D, D) map, got {tuple(volume.shape)}",
-        )
-        d = volume.shape[-1]
-        require(
-            band >= 2 * pixel_size * (1 - 1e-9),
-            f"band {band} Å is finer than Nyquist (2 × {pixel_size} Å/px)",
-        )
-        b = d * pixel_size / band  # cycles per box
-        box = band_box(d, b)
-        cropped = fourier_resize(volume.detach().to(torch.float64), (box,) * 3).to(torch.float32)
-        projector = Projector(cropped, pad, "linear")
-        return cls(projector.volume_ft, box, min(b, box / 2), d * pixel_size, (d / box) ** 3)
-
-    @property
-    def n(self) -> int:
-        """The number of half-plane frequencies."""
-        return int(self.k.shape[0])
-
-    def slices(self, rotations: torch.Tensor) -> torch.Tensor:
-        """Slices (..., n) complex64 at rotations (..., 3, 3): V̂(Rᵀ(kx, ky, 0)) · scale."""
-        lead = rotations.shape[:-2]
-        flat = rotations.reshape(-1, 3, 3).to(torch.float32)
-        scale = self.padded / self.box
-        points = (self.k * scale) @ flat[:, :2, :]  # (R, n, 3) = Rᵀ (kx, ky, 0)
-        where = (points + self.padded // 2) * (2.0 / (self.padded - 1)) - 1.0
-        sampled = torch.nn.functional.grid_sample(
-            self.volume,
-            where.reshape(1, flat.shape[0], -1, 1, 3),
-            mode="bilinear",
-            padding_mode="zeros",
-            align_corners=True,
-        )  # (1, 2, R, n, 1)
-        values = torch.complex(sampled[0, 0, ..., 0], sampled[0, 1, ..., 0]) * self.scale
-        return values.reshape(*lead, self.n)
-
-    def phases(self, shifts: torch.Tensor) -> torch.Tensor:
-        """e^{2πi k·s/L} (..., n) for shifts (..., 2) in Å (the model's shift by s)."""
-        arg = (2 * math.pi / self.length) * (shifts.to(torch.float32) @ self.k.T)
-        return torch.polar(torch.ones_like(arg), arg)
-
-    def ramps(self, offsets: torch.Tensor) -> torch.Tensor:
-        """e^{-2πi k·t/L} for relative shifts t: (S, 2) -> (n, S); (B, S, 2) -> (B, n, S)."""
-        return self.phases(-offsets).transpose(-1, -2)
-
-    def image_spectra(self, images: torch.Tensor) -> torch.Tensor:
-        """Half-band spectra (B, n) complex64 of real images (B, D, D) spanning ``length``."""
-        d = images.shape[-1]
-        require(
-            images.ndim == 3 and images.shape[-2] == d and d >= self.box,
-            f"images must be (B, D, D) with D >= {self.box}, got {tuple(images.shape)}",
-        )
-        half = rfft2_c(images.to(torch.float32))  # rows ky + D//2, columns kx >= 0
-        rows = (self.k[:, 1] + d // 2).long()
-        return half[:, rows, self.k[:, 0].long()]
-
-    def ctf_values(self, ctf: CTFParams | torch.Tensor | None, size: int) -> torch.Tensor | None:
-        """The CTFs (B, n) float32 at the half-band frequencies, or None.
-
-        ``ctf``: parameters (evaluated at k/length cycles/Å), or CTF images on the centred
-        grid of the data, (B, D, D) full or (B, D, D//2 + 1) half layout (columns kx ≥ 0),
-        D = ``size``.
-        """
-        if ctf is None:
-            return None
-        if isinstance(ctf, CTFParams):
-            return evaluate_ctf(ctf, self.k.to(torch.float64) / self.length, torch.float32)
-        require(
-            ctf.ndim == 3 and ctf.shape[-2] == size and ctf.shape[-1] in (size, size // 2 + 1),
-            f"CTF images must be (B, {size}, {size}) or (B, {size}, {size // 2 + 1}), "
-            f"got {tuple(ctf.shape)}",
-        )
-        rows = (self.k[:, 1] + size // 2).long()
-        cols = self.k[:, 0].long() + (size // 2 if ctf.shape[-1] == size else 0)
-        return ctf[:, rows, cols].real.to(torch.float32)
-
-
-class BandModel:
-    """Model spectra of candidate poses for a batch of B particles: a reference's slices
-    times the particles' CTFs (B, n) (or None) times shift phases.
-
-    The loss over the band, Σ_k w_k |Y(k) − Ŷ_s(k)|², equals ‖Y‖² + P − 2 Re Σ_k w_k
-    conj(Ŷ₀(k)) Y(k) e^{-2πi k·t/L} with P = Σ_k w_k |Ŷ₀(k)|², for the shift s + t and Ŷ₀ at
-    s: one spectrum per rotation gives the loss at every shift t (:meth:`losses`).
-    """
-
-    def __init__(self, reference: ReferenceProjector, ctf: torch.Tensor | None) -> None:
-        self.reference = reference
-        self.weight = reference.weight
-        self.ctf = ctf
-
-    def phases(self, shifts: torch.Tensor) -> torch.Tensor:
-        """e^{2πi k·s/L} (..., n) for shifts (..., 2) in Å."""
-        return self.reference.phases(shifts)
-
-    def ramps(self, offsets: torch.Tensor) -> torch.Tensor:
-        """e^{-2πi k·t/L} for relative shifts t: (S, 2) -> (n, S); (B, S, 2) -> (B, n, S)."""
-        return self.reference.ramps(offsets)
-
-    def spectra(self, rotations: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-        """Model spectra (C, B, n) for rotations (C, B, 3, 3) and shifts (B, 2) Å."""
-        values = self.reference.slices(rotations) * self.phases(shifts)
-        return values if self.ctf is None else values * self.ctf
-
-    def losses(self, model: torch.Tensor, data: torch.Tensor, ramps: torch.Tensor) -> torch.Tensor:
-        """Band losses minus ‖Y‖², (C, B, S), of model spectra (C, B, n) against half-plane
-        data (B, n) at relative shifts given by ``ramps`` e^{-2πi k·t/L}, (n, S) shared or
-        (B, n, S) per image."""
-        power = (self.weight * (model.real**2 + model.imag**2)).sum(-1)
-        cross = (self.weight * model.conj() * data).to(torch.complex64)
-        if ramps.ndim == 2:
-            corr = (cross @ ramps).real
-        else:
-            corr = torch.einsum("cbn,bns->cbs", cross, ramps).real
-        return power[..., None] - 2 * corr
 
 
 # ---------------------------------------------------------------------------------------
@@ -529,24 +144,6 @@ class _Top:
         self.loss = loss.gather(1, order)
         self.rotation = rot.gather(1, order[..., None, None].expand(-1, -1, 3, 3))
         self.shift = sh.gather(1, order[..., None].expand(-1, -1, 2))
-
-
-@dataclass(frozen=True)
-class SearchGrid:
-    """A local search: rotations on a lattice, then finer cubes; shifts likewise.
-
-    radius / step: the first level's rotation ball and lattice spacing (radians); each of
-    the ``levels`` - 1 further levels tries the 3³ cube of spacing step/3^l around each
-    image's current estimate. max_shift: the largest move of the shift (Å) from where the
-    search starts (0: rotations only); shift_step: the first level's shift spacing (Å);
-    further levels try the 3² square of spacing shift_step/3^l around the estimate.
-    """
-
-    radius: float
-    step: float
-    levels: int
-    max_shift: float
-    shift_step: float
 
 
 @dataclass
@@ -700,13 +297,13 @@ def lattice_search(
     centre = rotations.to(torch.float64)
     s = shifts.to(torch.float32)
     offsets = shift_offsets(search.max_shift, search.shift_step)
-    square = _cube_offsets(1.0, 2) if offsets.shape[0] > 1 else offsets
+    square = cube_offsets(1.0, 2) if offsets.shape[0] > 1 else offsets
     deltas = search_offsets(search.radius, search.step)
     t_hat = torch.zeros(centre.shape[0], 2, dtype=torch.float64)
     found = None
     for level in range(search.levels):
         if level > 0:
-            deltas = _cube_offsets(search.step / 3**level, 3)
+            deltas = cube_offsets(search.step / 3**level, 3)
             offsets = t_hat[:, None, :] + square * (search.shift_step / 3**level)
         last = level == search.levels - 1
         found = _score_candidates(
@@ -1154,6 +751,8 @@ def refine_local(
     return result
 
 
+# Re-exported from pose_grids and pose_frames, so that ``from cryoprior.solvers.poses import
+# pose_errors`` (and the other names below) keep working.
 __all__ = [
     "BandModel",
     "ESTIMATES",
