@@ -609,7 +609,9 @@ def render(args: argparse.Namespace) -> None:
         cone = json.loads(cone_path.read_text())
         result["cone"] = cone.get("cone")
         result["cone_command"] = cone.get("cone_command")
-        result["figure_command"] = cone.get("figure_command", result.get("figure_command"))
+    fig_path = out / f"{args.name}_fig.json"
+    if fig_path.is_file():
+        result["figure_command"] = json.loads(fig_path.read_text()).get("figure_command")
     save(result, out, args.name)
 
 
@@ -638,7 +640,8 @@ def main() -> None:
         "--render",
         action="store_true",
         help="rewrite NAME.md/.png from NAME.json, with the cone pass of NAME_cone.json "
-        "(a cone pass run beside the main pass under --name NAME_cone)",
+        "and the figure pass of NAME_fig.json (passes run beside the main pass under "
+        "--name NAME_cone / NAME_fig)",
     )
     ap.add_argument("--quick", action="store_true", help="1 protein, N 1000, 5 steps")
     ap.add_argument("--out", default=str(RESULTS))
