@@ -122,7 +122,7 @@ def test_cli_ab_initio_start_runs_and_records_its_rounds(stack, tmp_path):
     args += ["--global-step", "15", "--iterations", "1", "--quiet", "-o", str(out)]
     assert cli_main(args) == 0
     record = json.loads((out / "refine.json").read_text())
-    assert len(record["abinitio"]) == 8 and record["abinitio"][-1]["band"] == 20.0
+    assert len(record["abinitio"]) == 16 and record["abinitio"][-1]["band"] == 15.0
     model = read_map(out / "abinitio.mrc")
     assert tuple(model.data.shape) == (BOX,) * 3 and float(model.data.std()) > 0
     assert read_particles(out / "run_data.star").has_poses

@@ -8,8 +8,8 @@ are ignored.
 
 --initial-model MAP: the starting map (any scale; resampled to the particles' pixel size
 and box), low-passed to --initial-lowpass Å (default 30). --initial-model none: an ab
-initio start (stochastic hard-assignment EM at 40 → 20 Å on random subsets; the hand is
-arbitrary). --prior [PRIOR] (with --mass-kda or --sequence): before every pose search,
+initio start (stochastic EM with soft assignment at 40 → 15 Å on random subsets; the hand
+is arbitrary). --prior [PRIOR] (with --mass-kda or --sequence): before every pose search,
 each half map is denoised by the density-map prior on its own (Blush-style).
 
 Writes, in -o: iter_NNN/ (half1/half2.mrc, the references ref1/ref2.mrc, particles.star,
