@@ -220,7 +220,19 @@ def summarise(result: dict) -> str:
             "",
         ]
         for name, v in result["noise_only"].items():
-            lines.append(f"- {name}: {v['power_ratio']:.3f} ({v['seconds']:.0f} s)")
+            lines.append(f"- {name}: {v['power_ratio']:.2g} ({v['seconds']:.0f} s)")
+    cal = [r["prior"]["calibration"] for r in rows if "calibration" in r["prior"]]
+    if cal:
+        lines += [
+            "",
+            "Spread calibration of the prior's samples (fraction of voxels in the sphere with "
+            "|truth_B − mean| ≤ 2·std, truth_B the truth under the images' envelope): "
+            f"{np.mean([c['voxels_sphere'] for c in cal]):.2f} on average, "
+            f"{np.mean([c['voxels_molecule'] for c in cal]):.2f} in the molecule; "
+            f"calibrated: {cal[0]['expected']:.2f}.",
+        ]
+    if (RESULTS / "denoise_slices.png").is_file():
+        lines += ["", "Slices of one protein's maps: `denoise_slices.png`."]
     lines += cone_summary(result.get("cone") or {})
     lines += ["", f"Command: `{result['command']}`", ""]
     for key in ("cone_command", "figure_command"):
