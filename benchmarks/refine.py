@@ -203,7 +203,8 @@ def summarise(result: dict) -> str:
             f"{m['halves_fsc0143']:.2f} | {rot} | {shift} | {m.get('hand', '—')} | "
             f"{m['seconds']:.0f} |"
         )
-    lines += ["", f"Command: `{result['command']}`", ""]
+    commands = sorted({r["command"] for r in rows if "command" in r} or {result["command"]})
+    lines += [""] + [f"Command: `{c}`" for c in commands] + [""]
     return "\n".join(lines)
 
 
@@ -292,6 +293,7 @@ def run(args: argparse.Namespace) -> dict:
                         "snr_measured": measured,
                         "run": kind,
                         "metrics": metrics,
+                        "command": " ".join(sys.argv),
                     }
                     result["rows"].append(row)
                     save(result, out, args.name)
