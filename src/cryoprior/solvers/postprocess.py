@@ -29,7 +29,7 @@ def _resolution_shell(noise: HalfMapNoise, threshold: float) -> int:
     return int(below[0]) + 1 if below.numel() else nyq
 
 
-def lowpass_weights(n_shells: int, cutoff: int, edge: int) -> torch.Tensor:
+def _lowpass_weights(n_shells: int, cutoff: int, edge: int) -> torch.Tensor:
     """Per-shell weights: 1 up to shell ``cutoff`` − ``edge``, a cosine fall to 0 at
     ``cutoff``, 0 beyond (``n_shells`` values)."""
     s = torch.arange(n_shells, dtype=torch.float64)
@@ -42,7 +42,7 @@ def fsc_lowpass(
 ) -> torch.Tensor:
     """The average (D, D, D) low-passed at the half maps' FSC ``threshold`` crossing."""
     cut = _resolution_shell(noise, threshold)
-    return shell_filter(average, lowpass_weights(noise.fsc.numel(), cut, edge))
+    return shell_filter(average, _lowpass_weights(noise.fsc.numel(), cut, edge))
 
 
 @dataclass(frozen=True)
@@ -79,14 +79,8 @@ def fsc_weighted_sharpened(average: torch.Tensor, noise: HalfMapNoise, edge: int
     cut = _resolution_shell(noise, 0.143)
     s = noise.frequency
     sharpen = torch.exp(max(bfac, 0.0) * s**2 / 4.0)  # undo the fitted decay only
-    w = weight * sharpen * lowpass_weights(fsc.numel(), cut, edge)
+    w = weight * sharpen * _lowpass_weights(fsc.numel(), cut, edge)
     return Sharpened(shell_filter(average, w), bfac, noise.resolution(0.143))
 
 
-__all__ = [
-    "Sharpened",
-    "fsc_lowpass",
-    "fsc_weighted_sharpened",
-    "guinier_bfactor",
-    "lowpass_weights",
-]
+__all__ = ["Sharpened", "fsc_lowpass", "fsc_weighted_sharpened", "guinier_bfactor"]

@@ -197,6 +197,7 @@ class RefineRecorder:
         rec: SourceReconstruction,
         refs: list[torch.Tensor],
         particles: Particles,
+        rotations: torch.Tensor,
     ) -> None:
         if not self.writes:
             return
@@ -209,7 +210,7 @@ class RefineRecorder:
             write_map(folder / f"ref{h + 1}.mrc", Volume(ref.float(), px))
         np.savez(
             folder / "poses.npz",
-            rotations=particles.rotation_matrices().numpy(),
+            rotations=rotations.numpy(),  # exact, not through the STAR's Euler angles
             shifts=np.asarray(particles.shifts),
         )
         write_particles(folder / "particles.star", particles)
@@ -296,8 +297,8 @@ def assign_poses(
     px = source.pixel_size
     for h, part in enumerate(split):
         idx = np.intersect1d(part, mine, assume_unique=True)
+        ref = references[h].to(torch.float32)
         for batch in source.batches(image_batch, indices=idx, center=False):
-            ref = references[h].to(torch.float32)
             if search == "global":
                 a = global_search(
                     ref,
@@ -406,6 +407,7 @@ def refine(
     require(n >= 4, f"refinement needs at least 4 particles, got {n}")
     max_shift = 4 * px if config.max_shift is None else float(config.max_shift)
     radius = 0.3 * box * px if config.particle_radius is None else float(config.particle_radius)
+    nyquist = 2.0 * px
     split = split_halves(n, config.seed)
     recorder = RefineRecorder(Path(out), source, config)
     loaded = recorder.load()
@@ -419,9 +421,8 @@ def refine(
     else:
         history, refs, rotations, shifts = loaded
         last = history[-1]
-        band, step = max(config.band_factor * last.fsc0143, 2.0 * px), last.step
+        band, step = max(config.band_factor * last.fsc0143, nyquist), last.step
         log(f"resuming after iteration {last.iteration} (FSC 0.143 {last.fsc0143:.2f} Å)")
-    nyquist = 2.0 * px
     particles = source.particles
     rec = None
     while len(history) < config.iterations:
@@ -469,7 +470,7 @@ def refine(
             fsc_curve=[round(float(v), 4) for v in fsc_curve.fsc],
         )
         history.append(record)
-        recorder.save(record, history, rec, refs, particles)
+        recorder.save(record, history, rec, refs, particles, rotations)
         log(
             f"iteration {it}: {search} search (band {band:.1f} Å, step {step:.2f}°), "
             f"half-map FSC 0.143 {res:.2f} Å"
