@@ -19,8 +19,12 @@ Runs (all on the same particles):
                 (plug-and-play, Blush-style; mass from the sequence);
   abinitio      ``ab_initio`` (40 → 20 Å, 1,000-particle rounds) then refine; scored in
                 the better of the two hands (reported);
-  cryodrgn      cryoDRGN ``abinit_homo`` on the same particles (if a cryodrgn executable
-                is given with --cryodrgn; its epochs stated).
+  cryodrgn      cryoDRGN 4.3.1 ``abinit_homo_old`` (4.3.1's name for ``abinit_homo``) on
+                the same particles: ``--cryodrgn PATH`` names its executable (install it
+                beside its own torch, e.g. ``python -m venv cd && cd/bin/pip install
+                cryodrgn==4.3.1``); its defaults except the epochs (--cryodrgn-epochs,
+                stated in the row) and the translation search (±4 px, as ours); scored
+                from its final poses like ours, in the better hand.
 
 Per run: FSC 0.143 vs the truth (Å; the estimated frame is aligned to the truth through
 the poses: the map is rebuilt by Wiener from the aligned poses), the half maps' FSC 0.143,
@@ -28,6 +32,8 @@ rotation error after the best global rotation (mean, median, degrees), origin er
 wall time. Results are written after every run (resumable).
 
     python benchmarks/refine.py --proteins protein_A --snr 0.1 --runs wiener refine
+    python benchmarks/refine.py --runs cryodrgn --cryodrgn cd/bin/cryodrgn --name refine_cd
+    python benchmarks/refine.py --merge refine_cd      # rows of side-by-side passes
 Writes benchmarks/results/refine.{json,md,png}.
 """
 
@@ -54,7 +60,7 @@ from _common import write_results  # noqa: E402
 from native_reconstruction import PROTEINS, score, truth_map  # noqa: E402
 
 DEFAULT_PROTEINS = ("protein_A", "2qdl_A", "3aqg_A")
-RUNS = ("wiener", "refine", "refine_prior", "abinitio")
+RUNS = ("wiener", "refine", "refine_prior", "abinitio", "cryodrgn")
 LABELS = {
     "wiener": "Wiener, true poses",
     "refine": "refine from 30 Å truth",
@@ -123,6 +129,39 @@ def evaluate(rotations, shifts, truth_particles, truth, px, sphere, hands=False)
     return {"hand": hand, "poses": err} | score(rec.full, truth, px, sphere)
 
 
+def run_cryodrgn(blind: Path, folder: Path, box: int, px: float, args) -> tuple:
+    """cryoDRGN ab initio on the particles of ``blind`` (no poses): its rotations (n, 3, 3),
+    origins (n, 2) Å (through its own ``write_star``), and its wall time (s)."""
+    import os
+    import subprocess
+
+    from cryoprior.io.star import read_particles
+
+    exe = Path(args.cryodrgn)
+    utils = exe.with_name("cryodrgn_utils")
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    out = folder / "cryodrgn"
+    stack = folder / "particles.mrcs"
+
+    def call(*cmd) -> None:
+        print("$", " ".join(str(c) for c in cmd), flush=True)
+        subprocess.run([str(c) for c in cmd], check=True, env=env, cwd=folder)
+
+    call(exe, "parse_ctf_star", blind, "-o", folder / "ctf.pkl", "-D", box, "--Apix", px)
+    t0 = time.perf_counter()
+    call(
+        exe, "abinit_homo_old", stack, "--ctf", folder / "ctf.pkl", "-o", out,
+        "-n", args.cryodrgn_epochs, "--t-extent", 4, "--seed", 0,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    call(
+        utils, "write_star", stack, "--ctf", folder / "ctf.pkl", "--poses", out / "pose.pkl",
+        "-o", folder / "cryodrgn.star",
+    )  # fmt: skip
+    posed = read_particles(folder / "cryodrgn.star")
+    return posed.rotation_matrices(), torch.from_numpy(posed.shifts), seconds
+
+
 def run_one(kind, blind, truth_particles, truth, rec, px, sphere, work, prior, args) -> dict:
     """One method on one acquisition; returns the row's metrics."""
     from cryoprior.physics.composition import protein_mass_kda
@@ -131,6 +170,14 @@ def run_one(kind, blind, truth_particles, truth, rec, px, sphere, work, prior, a
     from cryoprior.solvers.refine import AbInitioConfig, RefineConfig, ab_initio, refine
 
     t0 = time.perf_counter()
+    if kind == "cryodrgn":
+        rot, sh, seconds = run_cryodrgn(blind, work, args.box, px, args)
+        ev = evaluate(rot, sh, truth_particles, truth, px, sphere, hands=True)
+        return ev | {
+            "halves_fsc0143": float("nan"),
+            "seconds": seconds,
+            "epochs": args.cryodrgn_epochs,
+        }
     if kind == "wiener":
         r = reconstruct_source(ParticleSource(truth_particles, check=False), ssnr="fsc", seed=0)
         return score(r.full, truth, px, sphere) | {
@@ -198,9 +245,11 @@ def summarise(result: dict) -> str:
         poses = m.get("poses")
         rot = f"{poses['mean_angle_deg']:.2f} / {poses['median_angle_deg']:.2f}" if poses else "—"
         shift = f"{poses['median_shift_angstrom']:.2f}" if poses else "—"
+        label = LABELS[r["run"]] + (f", {m['epochs']} epochs" if "epochs" in m else "")
+        halves = f"{m['halves_fsc0143']:.2f}" if m["halves_fsc0143"] == m["halves_fsc0143"] else "—"
         lines.append(
-            f"| {r['protein']} | {r['snr']:g} | {LABELS[r['run']]} | {m['fsc0143']:.2f} | "
-            f"{m['halves_fsc0143']:.2f} | {rot} | {shift} | {m.get('hand', '—')} | "
+            f"| {r['protein']} | {r['snr']:g} | {label} | {m['fsc0143']:.2f} | "
+            f"{halves} | {rot} | {shift} | {m.get('hand', '—')} | "
             f"{m['seconds']:.0f} |"
         )
     commands = sorted({r["command"] for r in rows if "command" in r} or {result["command"]})
@@ -238,6 +287,24 @@ def save(result: dict, out: Path, name: str) -> None:
     write_results(result, out, name, summarise, plot)
 
 
+def merge(args: argparse.Namespace) -> dict:
+    """Rows of side-by-side passes (``--merge NAME ...``) added to ``--name``'s results,
+    replacing rows of the same (protein, SNR, run)."""
+    out = Path(args.out)
+    path = out / f"{args.name}.json"
+    result = json.loads(path.read_text())
+    for other in args.merge:
+        rows = json.loads((out / f"{other}.json").read_text())["rows"]
+        keys = {(r["protein"], r["snr"], r["run"]) for r in rows}
+        result["rows"] = [
+            r for r in result["rows"] if (r["protein"], r["snr"], r["run"]) not in keys
+        ] + rows
+    order = {k: i for i, k in enumerate(RUNS)}
+    result["rows"].sort(key=lambda r: (r["protein"], -r["snr"], order[r["run"]]))
+    save(result, out, args.name)
+    return result
+
+
 def run(args: argparse.Namespace) -> dict:
     from cryoprior.data.corpus import load_corpus
     from cryoprior.metrics import spherical_mask
@@ -248,6 +315,8 @@ def run(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.name}.json"
     result = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    if "cryodrgn" in args.runs and not args.cryodrgn:
+        raise SystemExit("the cryodrgn run needs --cryodrgn PATH (its executable)")
     prior = load_prior(args.prior) if "refine_prior" in args.runs else None
     if prior is not None:
         train = set(prior.metadata.data.get("split", {}).get("train", []))
@@ -314,7 +383,7 @@ def main() -> None:
     ap.add_argument("--corpus", default=str(ROOT / "corpus"))
     ap.add_argument("--proteins", nargs="+", default=list(DEFAULT_PROTEINS))
     ap.add_argument("--snr", type=float, nargs="+", default=[0.1, 0.01])
-    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    ap.add_argument("--runs", nargs="+", default=list(RUNS[:4]), choices=RUNS)
     ap.add_argument("--n", type=int, default=10000)
     ap.add_argument("--box", type=int, default=64)
     ap.add_argument("--pixel-size", type=float, default=1.5)
@@ -323,7 +392,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="refine")
     ap.add_argument("--out", default=str(RESULTS))
-    run(ap.parse_args())
+    ap.add_argument("--cryodrgn", help="cryodrgn executable (for the cryodrgn run)")
+    ap.add_argument("--cryodrgn-epochs", type=int, default=30, help="its -n (default 30)")
+    ap.add_argument("--merge", nargs="+", help="merge these results into --name and stop")
+    args = ap.parse_args()
+    merge(args) if args.merge else run(args)
 
 
 if __name__ == "__main__":

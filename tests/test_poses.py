@@ -302,3 +302,18 @@ def test_inputs_are_validated(toy):
     assert shift_offsets(0.0, 1.0).shape == (1, 2)
     disc = shift_offsets(3.0, 1.0)
     assert disc.shape == (29, 2) and float(disc[0].abs().max()) == 0.0
+
+
+def test_an_images_mean_does_not_move_its_pose(toy):
+    # the DC term weighs 0: an offset (set by background normalisation in real data) must
+    # not change the best pose under the normalised correlation (with DC counted, noise
+    # images were sorted into poses by the sign of their mean: Einstein from noise)
+    volume, rotations, shifts, ctf, images = toy
+    g = torch.Generator().manual_seed(3)
+    noisy = images + 2.0 * images.std() * torch.randn(images.shape, generator=g)
+    offset = noisy + 5.0 * noisy.std() * torch.randn(32, 1, 1, generator=g)
+    kw = dict(band=8.0, step_deg=15.0, max_shift=4.0, score="correlation")
+    a = global_search(volume, noisy, ctf, PX, **kw)
+    b = global_search(volume, offset, ctf, PX, **kw)
+    torch.testing.assert_close(a.rotations, b.rotations)
+    torch.testing.assert_close(a.shifts, b.shifts)

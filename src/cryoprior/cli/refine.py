@@ -58,6 +58,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--particle-radius", type=float, default=None, help="Å, for the angular step (0.3 box)"
     )
     p.add_argument(
+        "--mask-radius",
+        type=float,
+        default=None,
+        help="Å, soft spherical solvent mask of the references and the FSC (0.4 box)",
+    )
+    p.add_argument(
         "--prior",
         nargs="?",
         const="volume_native",
@@ -154,6 +160,7 @@ def main(args: argparse.Namespace) -> int:
             global_step=args.global_step,
             max_shift=args.max_shift,
             particle_radius=args.particle_radius,
+            mask_radius=args.mask_radius,
             image_batch=args.batch_size,
             seed=args.seed,
         )

@@ -34,10 +34,10 @@ class ReferenceProjector:
 
     Frequencies: the integer k = (kx, ky) (cycles per box) of a ``box`` × ``box`` centred
     grid with |k| ≤ ``band`` on the half plane kx > 0, or kx = 0 and ky ≥ 0, in row-major
-    (ky, kx) order; ``k`` (n, 2) float32, ``weight`` (n,) 2 (1 at DC), so weighted sums
-    equal sums over the whole band of a real image. ``band_mask`` (box, box) marks the band,
-    ``plane`` (box, box) the frequencies kept, and ``half_of_band`` (n_band,) which of the
-    band's entries (row-major) are kept.
+    (ky, kx) order; ``k`` (n, 2) float32, ``weight`` (n,) 2 (0 at DC), so weighted sums
+    equal sums over the whole band of a real image, its mean (DC) left out. ``band_mask``
+    (box, box) marks the band, ``plane`` (box, box) the frequencies kept, and
+    ``half_of_band`` (n_band,) which of the band's entries (row-major) are kept.
 
     ``volume_ft`` is a :class:`~cryoprior.physics.projection.Projector`'s padded,
     gridding-corrected centred 3-D spectrum (Dp³) of a map on a ``box``³ grid, built with
@@ -70,7 +70,10 @@ class ReferenceProjector:
         self.half_of_band = half[self.band_mask]
         self.plane = self.band_mask & half
         self.k = torch.stack([kx[self.plane], ky[self.plane]], -1).to(torch.float32)  # (n, 2)
-        self.weight = torch.where((self.k == 0).all(-1), 1.0, 2.0)
+        # DC weighs 0: an image's mean is set by background normalisation, not the
+        # structure, and a pose-independent term in a normalised score couples the pose
+        # to it (noise images then share poses by their mean's sign: Einstein from noise)
+        self.weight = torch.where((self.k == 0).all(-1), 0.0, 2.0)
         self.n_coefficients = float(self.weight.sum())  # coefficients of the whole band
         real = torch.view_as_real(volume_ft.detach().to(torch.complex64))
         self.volume = real.permute(3, 0, 1, 2).unsqueeze(0).contiguous()  # (1, 2, Dp, Dp, Dp)

@@ -11,7 +11,8 @@ the Fourier slice theorem for the pose R (volume coordinates → microscope fram
 the integral along z) and the RELION origin s (Å; the particle centre sits at -s), with the
 particle's CTF (RELION's convention, :mod:`cryoprior.physics.ctf`) evaluated at k/L cycles/Å.
 Real images have Hermitian spectra, so only the half plane kx > 0, or kx = 0 and ky ≥ 0, is
-kept, with weight 2 (1 at DC): weighted sums over it equal sums over the whole band.
+kept, with weight 2: weighted sums over it equal sums over the whole band. The DC term
+weighs 0: an image's mean is set by the background normalisation, not the structure.
 :class:`ReferenceProjector` samples V̂ there: the map is Fourier-cropped to the smallest box
 D' = 2⌈b⌉ + 2 whose Nyquist exceeds the band (the same physical box), zero-padded (``pad``)
 and gridding-corrected (:class:`cryoprior.physics.projection.Projector`, trilinear kernel),
