@@ -37,7 +37,7 @@ from cryoprior.solvers.mfn_poses import BandSearchModel, refine_poses, search_gr
 from cryoprior.solvers.mfn_render import data_spectra, fourier_crop, model_spectra, working_grid
 from cryoprior.solvers.pose_frames import align_poses, global_alignment, perturb_poses, pose_errors
 from cryoprior.solvers.pose_grids import rotation_log, search_offsets
-from cryoprior.solvers.poses import PosePrior
+from cryoprior.solvers.pose_lattice import PosePrior
 
 # three blobs, no symmetry: poses are identifiable (x, y, z in voxels of a 24-voxel box)
 CENTRES = torch.tensor([[3.0, -2.0, 1.0], [-4.0, 2.0, 0.0], [0.0, 3.0, -3.5], [1.5, 0.5, 3.0]])

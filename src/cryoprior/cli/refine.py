@@ -115,7 +115,8 @@ def main(args: argparse.Namespace) -> int:
     from cryoprior.cli.reconstruct_calpha import read_sequence
     from cryoprior.io.star import write_particles
     from cryoprior.physics.composition import protein_mass_kda
-    from cryoprior.solvers.refine import AbInitioConfig, RefineConfig, ab_initio, refine
+    from cryoprior.solvers.abinitio import AbInitioConfig, ab_initio
+    from cryoprior.solvers.refine import RefineConfig, refine
     from cryoprior.train import distributed as ddp
 
     set_threads(args.threads)

@@ -60,7 +60,7 @@ from cryoprior.solvers.mfn_render import (
 )
 from cryoprior.solvers.pose_grids import SearchGrid, rotation_log
 from cryoprior.solvers.pose_reference import BandModel, ReferenceProjector
-from cryoprior.solvers.poses import PosePrior, lattice_search
+from cryoprior.solvers.pose_lattice import PosePrior, lattice_search
 
 
 class PoseState:

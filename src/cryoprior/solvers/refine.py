@@ -36,12 +36,7 @@ The loop stops after ``iterations`` or when the resolution has not improved for
 ``patience`` iterations. Every iteration writes its half maps, references, poses and FSC
 (:class:`RefineRecorder`), so a killed run resumes from the last finished iteration.
 
-Ab initio (:func:`ab_initio`): no initial model. Stochastic EM at low resolution (in the
-spirit of cryoSPARC's SGD): a map from random poses, then rounds of global search on
-random subsets of the particles against the current map and a reconstruction from each
-particle's K best poses weighted by their likelihood (:func:`soft_reconstruct`), the band
-tightening from ``bands[0]`` to ``bands[-1]``; the result (in an arbitrary hand) is the
-initial model of :func:`refine`.
+Ab initio (no initial model): :mod:`cryoprior.solvers.abinitio`.
 
 Units: Å, Å/px, degrees in configs and records, radians only inside the pose search.
 """
@@ -63,21 +58,15 @@ import torch
 from cryoprior.core.containers import Volume
 from cryoprior.core.errors import InputError, require, require_positive
 from cryoprior.core.files import write_text_atomic
-from cryoprior.geometry.rotations import matrix_to_euler, random_rotations, rotation_angle
+from cryoprior.geometry.rotations import matrix_to_euler, rotation_angle
 from cryoprior.io.mrc import read_map, write_map
 from cryoprior.io.star import Particles, write_particles
 from cryoprior.metrics import spherical_mask
 from cryoprior.metrics.fsc_corrected import corrected_fsc
-from cryoprior.physics.ctf import CTFParams, compute_ctf
-from cryoprior.physics.projection import padded_size
-from cryoprior.physics.shifts import shift_images
 from cryoprior.physics.source import ParticleSource
 from cryoprior.solvers.backprojection import (
     SourceReconstruction,
-    insert_images,
-    new_grids,
     reconstruct_source,
-    solve_half_maps,
 )
 from cryoprior.solvers.distributed_recon import (
     allreduce_accumulators,
@@ -86,7 +75,7 @@ from cryoprior.solvers.distributed_recon import (
     split_halves,
 )
 from cryoprior.solvers.halfmap import shell_filter
-from cryoprior.solvers.poses import PoseAssignment, global_search, refine_local
+from cryoprior.solvers.poses import global_search, refine_local
 
 Log = Callable[[str], None]
 
@@ -271,7 +260,7 @@ class RefineRecorder:
         )
 
 
-def _with_poses(particles: Particles, rotations: torch.Tensor, shifts: torch.Tensor) -> Particles:
+def with_poses(particles: Particles, rotations: torch.Tensor, shifts: torch.Tensor) -> Particles:
     """A copy of ``particles`` carrying the given poses (RELION angles) and origins (Å)."""
     angles = matrix_to_euler(rotations.to(torch.float64)).numpy()
     return dataclasses.replace(
@@ -483,7 +472,7 @@ def refine(
         change = _mean_change(new_rot, rotations) if rotations is not None else None
         moved = float((new_shift - shifts).norm(dim=-1).mean()) if shifts is not None else None
         rotations, shifts = new_rot, new_shift
-        particles = _with_poses(source.particles, rotations, shifts)
+        particles = with_poses(source.particles, rotations, shifts)
         rec = _reconstruct(particles, config.seed)
         refs = [rec.half1.double() * mask, rec.half2.double() * mask]
         fsc_curve = corrected_fsc(rec.half1, rec.half2, px, mask, _randomise_from(band, box, px))
@@ -519,7 +508,7 @@ def refine(
             log(f"no finer FSC for {config.patience} iterations: stopping")
             break
     if rec is None:  # resumed a finished run: rebuild its maps from the saved poses
-        particles = _with_poses(source.particles, rotations, shifts)
+        particles = with_poses(source.particles, rotations, shifts)
         rec = _reconstruct(particles, config.seed)
     return RefineResult(
         full=rec.full,
@@ -534,120 +523,15 @@ def refine(
     )
 
 
-def soft_reconstruct(
-    images: torch.Tensor,
-    ctf: CTFParams | None,
-    assignment: PoseAssignment,
-    pixel_size: float,
-    pad: float = 2.0,
-) -> torch.Tensor:
-    """The Wiener map (D, D, D) from images (n, D, D; not centred) inserted at each of
-    their K poses with the assignment's weights (RELION's expectation, truncated to the
-    top K): Σ w CTF·F̂ and Σ w CTF² (images and CTFs scaled by √w); per-shell SSNR from the
-    FSC of the even and odd images' half maps."""
-    n, d = images.shape[0], images.shape[-1]
-    dp = padded_size(d, pad)
-    if ctf is None:
-        c = torch.ones(n, dp, dp)
-    else:
-        c = compute_ctf(ctf, (dp, dp), pixel_size, torch.float32)
-    grids = [new_grids(dp, torch.float32), new_grids(dp, torch.float32)]
-    half = torch.arange(n) % 2
-    for k in range(assignment.weights.shape[1]):
-        w = assignment.weights[:, k].to(torch.float32)
-        root = w.sqrt()[:, None, None]
-        centred = shift_images(images, (assignment.top_shifts[:, k] / pixel_size).float())
-        rot = assignment.top_rotations[:, k].to(torch.float32)
-        for h in (0, 1):
-            sel = (half == h) & (w > 1e-4)
-            if bool(sel.any()):
-                insert_images(
-                    centred[sel] * root[sel], rot[sel], c[sel] * root[sel], dp, "linear", grids[h]
-                )
-    return solve_half_maps(grids, d, pixel_size, ssnr="fsc").full
-
-
-@dataclass
-class AbInitioConfig:
-    """Settings of :func:`ab_initio`: the bands (Å) of its rounds, the particles per round,
-    the SO(3) grid step (degrees), the poses per particle in the soft assignment
-    (``top_k``) and the largest origin (Å, default 4 px)."""
-
-    bands: tuple[float, ...] = (
-        *(40.0, 40.0, 35.0, 35.0, 30.0, 30.0, 25.0, 25.0),
-        *(22.0, 22.0, 20.0, 20.0, 18.0, 18.0, 15.0, 15.0),
-    )
-    subset: int = 1000
-    step: float = 10.0
-    top_k: int = 8
-    max_shift: float | None = None
-    seed: int = 0
-
-
-def ab_initio(
-    source: ParticleSource,
-    config: AbInitioConfig | None = None,
-    *,
-    log: Log | None = None,
-    show_progress: bool = False,
-) -> tuple[torch.Tensor, list[dict[str, float]]]:
-    """A low-resolution initial model (D, D, D) from particles without poses (see the
-    module docstring), and a record per round. Its hand is arbitrary."""
-    config = config or AbInitioConfig()
-    require(len(config.bands) >= 1, "ab initio needs at least one band")
-    log = log or (lambda _msg: None)
-    n, px = len(source), source.pixel_size
-    max_shift = 4 * px if config.max_shift is None else float(config.max_shift)
-    gen = torch.Generator().manual_seed(int(config.seed))
-    k = min(int(config.subset), n)
-    idx = np.sort(torch.randperm(n, generator=gen)[:k].numpy())
-    start = _with_poses(
-        source.particles.subset(idx),
-        random_rotations(k, gen, dtype=torch.float64),
-        torch.zeros(k, 2, dtype=torch.float64),
-    )
-    volume = reconstruct_source(ParticleSource(start, check=False), ssnr=1.0).full.double()
-    volume = lowpass(volume, px, config.bands[0])
-    mask = solvent_mask(source.box, px, None)
-    volume = volume * mask
-    records = []
-    for r, band in enumerate(config.bands):
-        t0 = time.perf_counter()
-        idx = np.sort(torch.randperm(n, generator=gen)[:k].numpy())
-        subset = ParticleSource(source.particles.subset(idx), check=False)
-        batch = next(subset.batches(k, center=False))
-        found = global_search(
-            volume.to(torch.float32),
-            batch.images,
-            batch.ctf,
-            px,
-            band=band,
-            step_deg=config.step,
-            max_shift=max_shift,
-            top_k=config.top_k,
-            score="correlation",
-            show_progress=show_progress,
-        )
-        volume = soft_reconstruct(batch.images, batch.ctf, found, px).double()
-        volume = lowpass(volume, px, band) * mask
-        records.append({"round": r, "band": band, "seconds": time.perf_counter() - t0})
-        log(
-            f"ab initio round {r}: {k} particles, band {band:.0f} Å, {records[-1]['seconds']:.0f} s"
-        )
-    return volume, records
-
-
 __all__ = [
-    "AbInitioConfig",
     "IterationRecord",
     "RefineConfig",
     "RefineRecorder",
     "RefineResult",
-    "ab_initio",
     "angular_step",
     "assign_poses",
     "lowpass",
     "refine",
     "solvent_mask",
-    "soft_reconstruct",
+    "with_poses",
 ]
