@@ -166,8 +166,9 @@ def run_one(kind, blind, truth_particles, truth, rec, px, sphere, work, prior, a
     """One method on one acquisition; returns the row's metrics."""
     from cryoprior.physics.composition import protein_mass_kda
     from cryoprior.physics.source import ParticleSource
+    from cryoprior.solvers.abinitio import AbInitioConfig, ab_initio
     from cryoprior.solvers.backprojection import reconstruct_source
-    from cryoprior.solvers.refine import AbInitioConfig, RefineConfig, ab_initio, refine
+    from cryoprior.solvers.refine import RefineConfig, refine
 
     t0 = time.perf_counter()
     if kind == "cryodrgn":
