@@ -77,6 +77,33 @@ class FSCResult:
     nyquist_0143: bool
     nyquist_05: bool
 
+    @classmethod
+    def from_curve(
+        cls,
+        frequency: np.ndarray,
+        curve: np.ndarray,
+        n_voxels: np.ndarray,
+        pixel_size: float,
+        box: int,
+        ndim: int = 3,
+    ) -> FSCResult:
+        """The result for a curve per shell (k = 0 .. D//2 at ``frequency`` cycles/Å) of
+        a ``box`` grid, its resolutions read at 0.143 and 0.5."""
+        r0143, cap0143 = resolution_from_curve(frequency, curve, 0.143)
+        r05, cap05 = resolution_from_curve(frequency, curve, 0.5)
+        return cls(
+            frequency=frequency,
+            fsc=curve,
+            n_voxels=n_voxels,
+            pixel_size=pixel_size,
+            box=box,
+            ndim=ndim,
+            resolution_0143=r0143,
+            resolution_05=r05,
+            nyquist_0143=cap0143,
+            nyquist_05=cap05,
+        )
+
     def resolution(self, threshold: float) -> tuple[float, bool]:
         """Resolution in Å at any threshold, and whether it is capped at Nyquist."""
         return resolution_from_curve(self.frequency, self.fsc, threshold)
@@ -192,20 +219,7 @@ def fsc(
     curve = torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num)).cpu().numpy()
     counts = torch.bincount(idx, minlength=n_shells).cpu().numpy()
     frequency = np.arange(n_shells, dtype=np.float64) / (n * pixel_size)
-    r0143, cap0143 = resolution_from_curve(frequency, curve, 0.143)
-    r05, cap05 = resolution_from_curve(frequency, curve, 0.5)
-    return FSCResult(
-        frequency=frequency,
-        fsc=curve,
-        n_voxels=counts,
-        pixel_size=pixel_size,
-        box=n,
-        ndim=a.ndim,
-        resolution_0143=r0143,
-        resolution_05=r05,
-        nyquist_0143=cap0143,
-        nyquist_05=cap05,
-    )
+    return FSCResult.from_curve(frequency, curve, counts, pixel_size, n, a.ndim)
 
 
 def cone_mask(size: int, half_angle: float, axis: int = 0) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 from cryoprior.core.errors import InputError, require
 from cryoprior.geometry.grids import shell_indices
-from cryoprior.metrics.fsc import FSCResult, fsc, resolution_from_curve
+from cryoprior.metrics.fsc import FSCResult, fsc
 
 
 def randomise_phases(volume: torch.Tensor, from_shell: int, seed: int) -> torch.Tensor:
@@ -66,17 +66,6 @@ def corrected_fsc(
     t, n = measured.fsc, noise.fsc
     shell = np.arange(t.size)
     curve = np.where(shell > randomise_from, (t - n) / np.clip(1.0 - n, 1e-6, None), t)
-    r0143, cap0143 = resolution_from_curve(measured.frequency, curve, 0.143)
-    r05, cap05 = resolution_from_curve(measured.frequency, curve, 0.5)
-    return FSCResult(
-        frequency=measured.frequency,
-        fsc=curve,
-        n_voxels=measured.n_voxels,
-        pixel_size=measured.pixel_size,
-        box=measured.box,
-        ndim=measured.ndim,
-        resolution_0143=r0143,
-        resolution_05=r05,
-        nyquist_0143=cap0143,
-        nyquist_05=cap05,
+    return FSCResult.from_curve(
+        measured.frequency, curve, measured.n_voxels, measured.pixel_size, measured.box
     )

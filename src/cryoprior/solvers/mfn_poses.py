@@ -59,8 +59,8 @@ from cryoprior.solvers.mfn_render import (
     working_grid,
 )
 from cryoprior.solvers.pose_grids import SearchGrid, rotation_log
-from cryoprior.solvers.pose_reference import BandModel, ReferenceProjector
 from cryoprior.solvers.pose_lattice import PosePrior, lattice_search
+from cryoprior.solvers.pose_reference import BandModel, ReferenceProjector
 
 
 class PoseState:
