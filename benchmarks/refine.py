@@ -43,6 +43,7 @@ import argparse
 import json
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,6 +69,9 @@ LABELS = {
     "abinitio": "ab initio + refine",
     "cryodrgn": "cryoDRGN abinit_homo",
 }
+COMMIT = subprocess.run(
+    ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+).stdout.strip()
 MIRROR = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
 
 
@@ -133,11 +137,10 @@ def run_cryodrgn(blind: Path, folder: Path, box: int, px: float, args) -> tuple:
     """cryoDRGN ab initio on the particles of ``blind`` (no poses): its rotations (n, 3, 3),
     origins (n, 2) Å (through its own ``write_star``), and its wall time (s)."""
     import os
-    import subprocess
 
     from cryoprior.io.star import read_particles
 
-    exe = Path(args.cryodrgn)
+    exe = Path(args.cryodrgn).resolve()
     utils = exe.with_name("cryodrgn_utils")
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     out = folder / "cryodrgn"
@@ -231,15 +234,19 @@ def summarise(result: dict) -> str:
     lines = [
         "# Refinement without given poses (issue 18)",
         "",
-        f"{result['n']} particles per acquisition, 64² at {result['pixel_size']} Å/px, "
+        f"N particles per acquisition, 64² at {result['pixel_size']} Å/px, "
         f"CTF + unrecorded {result['envelope_bfactor']:g} Å² envelope, uniform random poses "
-        "and ±3 Å origins never given to the methods. FSC vs truth inside a soft sphere "
-        "(radius 0.4 box); pose errors after the best global rotation. 'refine' starts from "
-        "the TRUTH low-passed to 30 Å (stated as such).",
+        "and ±3 Å origins never given to the methods; all runs of one (protein, SNR, N) on "
+        "the same particles. FSC vs truth inside a soft sphere (radius 0.4 box), of the "
+        "Wiener map at the estimated poses after the best global rotation (both hands for "
+        "ab initio runs). 'refine' starts from the TRUTH low-passed to 30 Å (stated as "
+        "such). Half maps: as each method reports it (refine: masked by the 0.4-box "
+        "sphere, corrected by phase randomisation; Wiener: unmasked). Time on one CPU "
+        "thread with another job on the second core.",
         "",
-        "| protein | SNR | run | FSC₀.₁₄₃ vs truth (Å) | half maps FSC₀.₁₄₃ (Å) | "
+        "| protein | SNR | N | run | FSC₀.₁₄₃ vs truth (Å) | half maps FSC₀.₁₄₃ (Å) | "
         "rotation error mean / median (°) | origin error (Å) | hand | time (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = r["metrics"]
@@ -249,12 +256,20 @@ def summarise(result: dict) -> str:
         label = LABELS[r["run"]] + (f", {m['epochs']} epochs" if "epochs" in m else "")
         halves = f"{m['halves_fsc0143']:.2f}" if m["halves_fsc0143"] == m["halves_fsc0143"] else "—"
         lines.append(
-            f"| {r['protein']} | {r['snr']:g} | {label} | {m['fsc0143']:.2f} | "
+            f"| {r['protein']} | {r['snr']:g} | {r.get('n', result['n'])} | {label}"
+            f"{'' if 'commit' in r or r['run'] == 'wiener' else ' †'} | {m['fsc0143']:.2f} | "
             f"{halves} | {rot} | {shift} | {m.get('hand', '—')} | "
             f"{m['seconds']:.0f} |"
         )
     commands = sorted({r["command"] for r in rows if "command" in r} or {result["command"]})
-    lines += [""] + [f"Command: `{c}`" for c in commands] + [""]
+    lines += [""] + [f"Command: `{c}`" for c in commands]
+    if any("commit" not in r and r["run"] != "wiener" for r in rows):
+        lines += [
+            "",
+            "† run before commit 02bde14 (no solvent mask, DC in the pose score, band from "
+            "the unmasked FSC)",
+        ]
+    lines += [""]
     return "\n".join(lines)
 
 
@@ -295,13 +310,18 @@ def merge(args: argparse.Namespace) -> dict:
     path = out / f"{args.name}.json"
     result = json.loads(path.read_text())
     for other in args.merge:
-        rows = json.loads((out / f"{other}.json").read_text())["rows"]
-        keys = {(r["protein"], r["snr"], r["run"]) for r in rows}
-        result["rows"] = [
-            r for r in result["rows"] if (r["protein"], r["snr"], r["run"]) not in keys
-        ] + rows
+        data = json.loads((out / f"{other}.json").read_text())
+        rows = [{"n": data["n"]} | r for r in data["rows"]]
+
+        def key(r: dict) -> tuple:
+            return (r["protein"], r["snr"], r.get("n", result["n"]), r["run"])
+
+        keys = {key(r) for r in rows}
+        result["rows"] = [r for r in result["rows"] if key(r) not in keys] + rows
     order = {k: i for i, k in enumerate(RUNS)}
-    result["rows"].sort(key=lambda r: (r["protein"], -r["snr"], order[r["run"]]))
+    result["rows"].sort(
+        key=lambda r: (r["protein"], -r["snr"], -r.get("n", result["n"]), order[r["run"]])
+    )
     save(result, out, args.name)
     return result
 
@@ -364,6 +384,8 @@ def run(args: argparse.Namespace) -> dict:
                         "run": kind,
                         "metrics": metrics,
                         "command": " ".join(sys.argv),
+                        "n": args.n,
+                        "commit": COMMIT,
                     }
                     result["rows"].append(row)
                     save(result, out, args.name)
