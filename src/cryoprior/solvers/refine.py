@@ -25,12 +25,14 @@ estimate (RELION's auto-refine, Scheres & Chen 2012). One iteration:
    RELION shares between the halves too, comes from both.
 
 The resolution that sets the next band is the FSC 0.143 of the *masked* half maps,
-corrected for the mask by phase randomisation beyond the search band
-(:func:`~cryoprior.metrics.fsc_corrected.corrected_fsc`, as RELION's post-processing). The
+corrected for the mask by phase randomisation beyond the shell where the unmasked FSC
+falls below 0.8 (and no further out than the search band;
+:func:`~cryoprior.metrics.fsc_corrected.corrected_fsc`, as RELION's post-processing). The
 plain FSC (recorded too) is not used: at low SNR, noise aligned to a common low-pass
 reference builds a large common low-resolution blob, and its truncation by the box (or a
 mask) leaks into every shell (measured at SNR 0.01: FSC 0.7-0.8 up to Nyquist, 85 % of it
-beyond 0.47 box from the centre), which would open the band to noise.
+beyond 0.47 box from the centre; masked but corrected only beyond the band, a flat 0.5
+plateau inside it that walked the band to Nyquist), which would open the band to noise.
 
 The loop stops after ``iterations`` or when the resolution has not improved for
 ``patience`` iterations. Every iteration writes its half maps, references, poses and FSC
@@ -388,10 +390,13 @@ def _stalled(history: list[IterationRecord], patience: int, first_local: int) ->
     return min(r.fsc0143 for r in history[-patience:]) >= before - 1e-3
 
 
-def _randomise_from(band: float, box: int, pixel_size: float) -> int:
-    """The shell beyond which the mask correction randomises phases: one past the search
-    band's (the alignment fitted the shells up to it; what lies beyond is tested)."""
-    return min(math.ceil(box * pixel_size / band) + 1, box // 2 - 2)
+def _randomise_from(band: float, box: int, pixel_size: float, unmasked: np.ndarray) -> int:
+    """The shell beyond which the mask correction randomises phases: where the unmasked
+    half-map FSC first falls below 0.8 (RELION's choice), and no further than one past the
+    search band's shell (at most box/2 − 2)."""
+    below = np.nonzero(np.asarray(unmasked)[1:] < 0.8)[0]
+    first = int(below[0]) + 1 if below.size else box // 2
+    return max(1, min(first, math.ceil(box * pixel_size / band) + 1, box // 2 - 2))
 
 
 def _mean_change(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -475,7 +480,8 @@ def refine(
         particles = with_poses(source.particles, rotations, shifts)
         rec = _reconstruct(particles, config.seed)
         refs = [rec.half1.double() * mask, rec.half2.double() * mask]
-        fsc_curve = corrected_fsc(rec.half1, rec.half2, px, mask, _randomise_from(band, box, px))
+        start = _randomise_from(band, box, px, rec.fsc_halves.fsc)
+        fsc_curve = corrected_fsc(rec.half1, rec.half2, px, mask, start)
         res = float(fsc_curve.resolution_0143)
         if prior is not None:
             refs = _denoise_halves((refs[0], refs[1]), px, prior, mass_kda, config.prior_iterations)
