@@ -19,7 +19,7 @@ from cryoprior.io.star import read_particles
 from cryoprior.physics.atoms import atoms_to_map
 from cryoprior.physics.simulator import SimulationConfig, simulate_particles
 from cryoprior.solvers.pose_frames import pose_errors
-from cryoprior.solvers.refine import angular_step, lowpass
+from cryoprior.solvers.refine import _randomise_from, angular_step, lowpass, solvent_mask
 
 BOX, PX = 32, 3.0
 
@@ -58,6 +58,19 @@ def test_lowpass_and_angular_step():
     assert angular_step(8.0, 30.0, 0.5, 10.0) == pytest.approx(3.82, abs=0.01)
     assert angular_step(8.0, 30.0, 0.5, 2.0) == 2.0
     assert angular_step(0.1, 30.0, 0.5, 10.0) == 0.5
+
+
+def test_solvent_mask_and_the_mask_corrections_start():
+    m = solvent_mask(32, 2.0, None)  # 0.4 box = 12.8 px, 3 px soft edge
+    assert m.dtype == torch.float64 and float(m[16, 16, 16]) == 1.0
+    assert float(m[16, 16, 16 + 12]) == 1.0 and float(m[16, 16, 16 + 16 - 1]) < 0.1
+    assert float(m[0, 0, 0]) == 0.0
+    assert float(solvent_mask(32, 2.0, 100.0)[16, 16, 16 + 11]) == 1.0  # capped inside the box
+    # randomise from the first shell below 0.8 of the unmasked FSC, at most one past the band
+    curve = np.array([1.0, 0.99, 0.95, 0.85, 0.6, 0.3, 0.1, 0.0, 0.0])
+    assert _randomise_from(30.0, 16, 2.0, curve) == 3  # one past the band: ⌈32/30⌉ + 1
+    assert _randomise_from(8.0, 16, 2.0, curve) == 4  # below 0.8 from shell 4
+    assert _randomise_from(4.0, 16, 2.0, np.ones(9)) == 6  # never below: box/2 - 2
 
 
 def test_cli_refine_finds_poses_resumes_and_writes_a_star_that_reconstructs(stack, tmp_path):
