@@ -18,8 +18,9 @@ from cryoprior.io.mrc import read_map, write_map
 from cryoprior.io.star import read_particles
 from cryoprior.physics.atoms import atoms_to_map
 from cryoprior.physics.simulator import SimulationConfig, simulate_particles
+from cryoprior.solvers.backprojection import randomisation_shell
 from cryoprior.solvers.pose_frames import pose_errors
-from cryoprior.solvers.refine import _randomise_from, angular_step, lowpass, solvent_mask
+from cryoprior.solvers.refine import _randomise_limit, angular_step, lowpass, solvent_mask
 
 BOX, PX = 32, 3.0
 
@@ -68,9 +69,11 @@ def test_solvent_mask_and_the_mask_corrections_start():
     assert float(solvent_mask(32, 2.0, 100.0)[16, 16, 16 + 11]) == 1.0  # capped inside the box
     # randomise from the first shell below 0.8 of the unmasked FSC, at most one past the band
     curve = np.array([1.0, 0.99, 0.95, 0.85, 0.6, 0.3, 0.1, 0.0, 0.0])
-    assert _randomise_from(30.0, 16, 2.0, curve) == 3  # one past the band: ⌈32/30⌉ + 1
-    assert _randomise_from(8.0, 16, 2.0, curve) == 4  # below 0.8 from shell 4
-    assert _randomise_from(4.0, 16, 2.0, np.ones(9)) == 6  # never below: box/2 - 2
+    assert _randomise_limit(30.0, 16, 2.0) == 3  # one past the band: ⌈32/30⌉ + 1
+    assert _randomise_limit(4.0, 16, 2.0) == 6  # at most box/2 - 2
+    assert randomisation_shell(curve, 3) == 3
+    assert randomisation_shell(curve, 8) == 4  # below 0.8 from shell 4
+    assert randomisation_shell(np.ones(9), 6) == 6  # never below
 
 
 def test_cli_refine_finds_poses_resumes_and_writes_a_star_that_reconstructs(stack, tmp_path):

@@ -47,22 +47,26 @@ def corrected_fsc(
     mask: torch.Tensor,
     randomise_from: int,
     seed: int = 0,
+    randomised: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> FSCResult:
     """The masked FSC of two half maps corrected for the mask by phase randomisation
     beyond shell ``randomise_from`` (see the module docstring); resolutions read from the
-    corrected curve as in :func:`~cryoprior.metrics.fsc.fsc`."""
+    corrected curve as in :func:`~cryoprior.metrics.fsc.fsc`. ``randomised``: the half
+    maps already phase-randomised beyond that shell (e.g. by the reconstruction, before
+    its crop: :func:`~cryoprior.solvers.backprojection.solve_half_maps`), else the maps
+    given are randomised here."""
     a = torch.as_tensor(map1).to(torch.float64)
     if not 0 <= int(randomise_from) < a.shape[-1] // 2:
         raise InputError(
             f"randomise_from must be a shell in [0, {a.shape[-1] // 2}), got {randomise_from}"
         )
     measured = fsc(map1, map2, pixel_size, mask=mask)
-    noise = fsc(
-        randomise_phases(map1, randomise_from, seed),
-        randomise_phases(map2, randomise_from, seed + 1),
-        pixel_size,
-        mask=mask,
-    )
+    if randomised is None:
+        randomised = (
+            randomise_phases(map1, randomise_from, seed),
+            randomise_phases(map2, randomise_from, seed + 1),
+        )
+    noise = fsc(randomised[0], randomised[1], pixel_size, mask=mask)
     t, n = measured.fsc, noise.fsc
     shell = np.arange(t.size)
     curve = np.where(shell > randomise_from, (t - n) / np.clip(1.0 - n, 1e-6, None), t)

@@ -47,6 +47,7 @@ from cryoprior.core.runtime import progress
 from cryoprior.core.tensors import complex_dtype
 from cryoprior.geometry.fft import ifft3_c
 from cryoprior.metrics.fsc import FSCResult, fsc
+from cryoprior.metrics.fsc_corrected import randomise_phases
 from cryoprior.physics.ctf import compute_ctf
 from cryoprior.physics.fourier_slice import (
     Kernel,
@@ -266,13 +267,28 @@ def _complete(grids: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, t
     )
 
 
+def _low_shells(dp: int, size: int, last_shell: int, device) -> torch.Tensor:
+    """1 on the padded centred grid where the output shell round(|k| · D / Dp) is at most
+    ``last_shell``, 0 beyond."""
+    k = torch.arange(dp, dtype=torch.float64, device=device) - dp // 2
+    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    return (torch.round(r * size / dp) <= int(last_shell)).to(torch.float64)
+
+
 def _solve(
-    completed: tuple[torch.Tensor, torch.Tensor], inv_ssnr: torch.Tensor, size: int, kernel: Kernel
+    completed: tuple[torch.Tensor, torch.Tensor],
+    inv_ssnr: torch.Tensor,
+    size: int,
+    kernel: Kernel,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Divide by CTF² + 1/SSNR, inverse 3-D FT, gridding correction, crop."""
+    """Divide by CTF² + 1/SSNR, (optionally multiply by ``keep`` on the padded grid),
+    inverse 3-D FT, gridding correction, crop."""
     numerator, weight = completed
     dp = numerator.shape[-1]
     estimate = numerator / (weight + inv_ssnr)
+    if keep is not None:
+        estimate = estimate * keep.to(weight.dtype)
     volume = crop_centred(ifft3_c(estimate).real, size, 3)
     return volume / gridding_correction(size, dp, 3, kernel, volume.dtype, volume.device)
 
@@ -388,7 +404,8 @@ class SourceReconstruction:
     full, half1, half2: (D, D, D) maps; fsc_halves: FSC between the final half maps
     (unmasked); ssnr: the per-image SSNR used, per shell of the map (index s is
     s / (D · pixel size) cycles/Å); split: the 0-based particle indices of each half;
-    seconds: wall time.
+    seconds: wall time; randomised: the half maps with phases randomised beyond shell
+    ``randomised_from`` (when asked for; see :func:`solve_half_maps`).
     """
 
     full: torch.Tensor
@@ -398,6 +415,8 @@ class SourceReconstruction:
     ssnr: torch.Tensor
     split: tuple[np.ndarray, np.ndarray]
     seconds: float
+    randomised: tuple[torch.Tensor, torch.Tensor] | None = None
+    randomised_from: int | None = None
 
 
 def _shell_mean(values: torch.Tensor, size: int) -> torch.Tensor:
@@ -430,13 +449,24 @@ def ssnr_from_fsc(fsc_curve: torch.Tensor, mean_weight: torch.Tensor) -> torch.T
 
 class HalfMapSolution(NamedTuple):
     """Result of :func:`solve_half_maps`: the (D, D, D) maps, the FSC of the final half maps
-    (unmasked) and the per-image SSNR used, per shell of the map."""
+    (unmasked) and the per-image SSNR used, per shell of the map; with ``randomise_from``
+    also the half maps with their phases randomised beyond shell ``randomised_from``."""
 
     full: torch.Tensor
     half1: torch.Tensor
     half2: torch.Tensor
     fsc_halves: FSCResult
     ssnr: torch.Tensor
+    randomised: tuple[torch.Tensor, torch.Tensor] | None = None
+    randomised_from: int | None = None
+
+
+def randomisation_shell(unmasked_fsc: np.ndarray, limit: int) -> int:
+    """Where phase randomisation starts: the first shell at which the unmasked half-map FSC
+    falls below 0.8 (RELION's choice), at most ``limit`` (and at least 1)."""
+    below = np.nonzero(np.asarray(unmasked_fsc)[1:] < 0.8)[0]
+    first = int(below[0]) + 1 if below.size else int(limit)
+    return max(1, min(first, int(limit)))
 
 
 @torch.no_grad()
@@ -447,6 +477,8 @@ def solve_half_maps(
     *,
     ssnr: str | float = "fsc",
     kernel: Kernel = "linear",
+    randomise_from: int | None = None,
+    seed: int = 0,
 ) -> HalfMapSolution:
     """Half maps and the full map from the two halves' accumulators.
 
@@ -455,6 +487,14 @@ def solve_half_maps(
     ``ssnr`` is a number (constant per-image SSNR) or ``"fsc"``: half maps made with
     SSNR 1 give an FSC that sets a per-shell SSNR (:func:`ssnr_from_fsc`) for the final
     maps. The maps come back on the grids' device, in their real dtype.
+
+    ``randomise_from`` (a shell): also the half maps with their phases randomised beyond
+    s = :func:`randomisation_shell` (≤ ``randomise_from``) of the final FSC, for the mask
+    correction of :func:`~cryoprior.metrics.fsc_corrected.corrected_fsc`. Each is L + ρ(H −
+    L): L the map solved from the padded spectrum's shells ≤ s only (so it carries what the
+    crop leaks from them into higher shells, which randomising the cropped map would
+    destroy), ρ the phase randomisation beyond s on the output grid (independent per half,
+    from ``seed``), which keeps each shell's power.
     """
     require(len(grids) == 2, f"need the accumulators of 2 half sets, got {len(grids)}")
     require(
@@ -480,9 +520,17 @@ def solve_half_maps(
     half1 = _solve(halves[0], inv, size, kernel)
     half2 = _solve(halves[1], inv, size, kernel)
     total = (halves[0][0] + halves[1][0], halves[0][1] + halves[1][1])
-    del halves
     full = _solve(total, inv, size, kernel)
-    return HalfMapSolution(full, half1, half2, fsc(half1, half2, pixel_size), per_shell)
+    curve = fsc(half1, half2, pixel_size)
+    if randomise_from is None:
+        return HalfMapSolution(full, half1, half2, curve, per_shell)
+    start = randomisation_shell(curve.fsc, randomise_from)
+    low = _low_shells(dp, size, start, device)
+    randomised = []
+    for h, half in enumerate((half1, half2)):
+        leak = _solve(halves[h], inv, size, kernel, keep=low)
+        randomised.append(leak + randomise_phases(half - leak, start, seed + h).to(half.dtype))
+    return HalfMapSolution(full, half1, half2, curve, per_shell, tuple(randomised), start)
 
 
 @torch.no_grad()
@@ -497,6 +545,7 @@ def reconstruct_source(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     distributed: bool = False,
+    randomise_from: int | None = None,
     show_progress: bool = False,
 ) -> SourceReconstruction:
     """Half maps and the full map from a particle source, streamed in batches.
@@ -515,6 +564,7 @@ def reconstruct_source(
     (:func:`~cryoprior.solvers.distributed_recon.shard_indices`), the grids are summed
     over the processes, and every process returns the maps and split one process would
     (up to the order of the float additions). ``seconds`` is this process's wall time.
+    ``randomise_from``: also the phase-randomised half maps (:func:`solve_half_maps`).
     """
     start_time = time.perf_counter()
     n = len(source)
@@ -551,7 +601,9 @@ def reconstruct_source(
         ids = torch.arange(images.shape[0], device=device)
         _accumulate(images, rotations, ctf, ids, dp, kernel, None, grids[half], False)
     allreduce_accumulators(grids)
-    solution = solve_half_maps(grids, size, pixel_size, ssnr=ssnr, kernel=kernel)
+    solution = solve_half_maps(
+        grids, size, pixel_size, ssnr=ssnr, kernel=kernel, randomise_from=randomise_from, seed=seed
+    )
     del grids
     return SourceReconstruction(
         full=solution.full.cpu(),
@@ -561,4 +613,8 @@ def reconstruct_source(
         ssnr=solution.ssnr,
         split=split,
         seconds=time.perf_counter() - start_time,
+        randomised=None
+        if solution.randomised is None
+        else (solution.randomised[0].cpu(), solution.randomised[1].cpu()),
+        randomised_from=solution.randomised_from,
     )

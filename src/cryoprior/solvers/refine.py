@@ -27,7 +27,9 @@ estimate (RELION's auto-refine, Scheres & Chen 2012). One iteration:
 The resolution that sets the next band is the FSC 0.143 of the *masked* half maps,
 corrected for the mask by phase randomisation beyond the shell where the unmasked FSC
 falls below 0.8 (and no further out than the search band;
-:func:`~cryoprior.metrics.fsc_corrected.corrected_fsc`, as RELION's post-processing). The
+:func:`~cryoprior.metrics.fsc_corrected.corrected_fsc`, as RELION's post-processing),
+the phases randomised on the reconstruction's padded grid before its crop, so that the
+crop's own leak is measured too. The
 plain FSC (recorded too) is not used: at low SNR, noise aligned to a common low-pass
 reference builds a large common low-resolution blob, and its truncation by the box (or a
 mask) leaks into every shell (measured at SNR 0.01: FSC 0.7-0.8 up to Nyquist, 85 % of it
@@ -376,10 +378,15 @@ def _denoise_halves(
     return out
 
 
-def _reconstruct(particles: Particles, seed: int) -> SourceReconstruction:
-    """Both half maps at the particles' poses (sharded under ``torchrun``)."""
+def _reconstruct(
+    particles: Particles, seed: int, randomise_from: int | None = None
+) -> SourceReconstruction:
+    """Both half maps at the particles' poses (sharded under ``torchrun``), with their
+    phase-randomised copies when ``randomise_from`` is given."""
     source = ParticleSource(particles, check=False)
-    return reconstruct_source(source, ssnr="fsc", seed=seed, distributed=True)
+    return reconstruct_source(
+        source, ssnr="fsc", seed=seed, distributed=True, randomise_from=randomise_from
+    )
 
 
 def _stalled(history: list[IterationRecord], patience: int, first_local: int) -> bool:
@@ -390,13 +397,10 @@ def _stalled(history: list[IterationRecord], patience: int, first_local: int) ->
     return min(r.fsc0143 for r in history[-patience:]) >= before - 1e-3
 
 
-def _randomise_from(band: float, box: int, pixel_size: float, unmasked: np.ndarray) -> int:
-    """The shell beyond which the mask correction randomises phases: where the unmasked
-    half-map FSC first falls below 0.8 (RELION's choice), and no further than one past the
-    search band's shell (at most box/2 − 2)."""
-    below = np.nonzero(np.asarray(unmasked)[1:] < 0.8)[0]
-    first = int(below[0]) + 1 if below.size else box // 2
-    return max(1, min(first, math.ceil(box * pixel_size / band) + 1, box // 2 - 2))
+def _randomise_limit(band: float, box: int, pixel_size: float) -> int:
+    """The outermost shell where the mask correction may start randomising phases: one past
+    the search band's shell (the alignment fitted the shells up to it), at most box/2 − 2."""
+    return max(1, min(math.ceil(box * pixel_size / band) + 1, box // 2 - 2))
 
 
 def _mean_change(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -478,10 +482,11 @@ def refine(
         moved = float((new_shift - shifts).norm(dim=-1).mean()) if shifts is not None else None
         rotations, shifts = new_rot, new_shift
         particles = with_poses(source.particles, rotations, shifts)
-        rec = _reconstruct(particles, config.seed)
+        rec = _reconstruct(particles, config.seed, _randomise_limit(band, box, px))
         refs = [rec.half1.double() * mask, rec.half2.double() * mask]
-        start = _randomise_from(band, box, px, rec.fsc_halves.fsc)
-        fsc_curve = corrected_fsc(rec.half1, rec.half2, px, mask, start)
+        fsc_curve = corrected_fsc(
+            rec.half1, rec.half2, px, mask, rec.randomised_from, randomised=rec.randomised
+        )
         res = float(fsc_curve.resolution_0143)
         if prior is not None:
             refs = _denoise_halves((refs[0], refs[1]), px, prior, mass_kda, config.prior_iterations)
