@@ -305,17 +305,17 @@ def save(result: dict, out: Path, name: str) -> None:
 
 def merge(args: argparse.Namespace) -> dict:
     """Rows of side-by-side passes (``--merge NAME ...``) added to ``--name``'s results,
-    replacing rows of the same (protein, SNR, run)."""
+    replacing rows of the same (protein, SNR, N, run)."""
     out = Path(args.out)
     path = out / f"{args.name}.json"
     result = json.loads(path.read_text())
+
+    def key(r: dict) -> tuple:
+        return (r["protein"], r["snr"], r.get("n", result["n"]), r["run"])
+
     for other in args.merge:
         data = json.loads((out / f"{other}.json").read_text())
         rows = [{"n": data["n"]} | r for r in data["rows"]]
-
-        def key(r: dict) -> tuple:
-            return (r["protein"], r["snr"], r.get("n", result["n"]), r["run"])
-
         keys = {key(r) for r in rows}
         result["rows"] = [r for r in result["rows"] if key(r) not in keys] + rows
     order = {k: i for i, k in enumerate(RUNS)}

@@ -163,6 +163,14 @@ def _ctf_chunk(
     return full_to_half(full.to(dtype=dtype, device=ids.device))
 
 
+def _padded_shells(dp: int, size: int, device: torch.device | str | None) -> torch.Tensor:
+    """The output-map shell round(|k| · D / Dp) of every voxel of the padded centred
+    (Dp, Dp, Dp) grid (long)."""
+    k = torch.arange(dp, dtype=torch.float64, device=device) - dp // 2
+    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    return torch.round(r * size / dp).long()
+
+
 def _inverse_ssnr(
     snr: float | torch.Tensor, size: int, dp: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
@@ -183,9 +191,7 @@ def _inverse_ssnr(
         f"a per-shell snr must be a 1-D tensor of finite values >= 0 (0 drops a "
         f"shell), got shape {tuple(snr.shape)}",
     )
-    k = torch.arange(dp, dtype=torch.float64, device=device) - dp // 2
-    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
-    shell = torch.round(r * size / dp).long().clamp_(max=snr.numel() - 1)
+    shell = _padded_shells(dp, size, device).clamp_(max=snr.numel() - 1)
     return (1.0 / snr.to(device=device, dtype=torch.float64))[shell].to(dtype)
 
 
@@ -265,14 +271,6 @@ def _complete(grids: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, t
         numerator + torch.conj(flip_centred(numerator, dims)),
         weight + flip_centred(weight, dims),
     )
-
-
-def _low_shells(dp: int, size: int, last_shell: int, device) -> torch.Tensor:
-    """1 on the padded centred grid where the output shell round(|k| · D / Dp) is at most
-    ``last_shell``, 0 beyond."""
-    k = torch.arange(dp, dtype=torch.float64, device=device) - dp // 2
-    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
-    return (torch.round(r * size / dp) <= int(last_shell)).to(torch.float64)
 
 
 def _solve(
@@ -421,10 +419,7 @@ class SourceReconstruction:
 
 def _shell_mean(values: torch.Tensor, size: int) -> torch.Tensor:
     """Mean of a padded (Dp³) grid over each shell s = round(|k| · D / Dp), s <= D//2."""
-    dp = values.shape[-1]
-    k = torch.arange(dp, dtype=torch.float64, device=values.device) - dp // 2
-    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
-    shell = torch.round(r * size / dp).long().reshape(-1)
+    shell = _padded_shells(values.shape[-1], size, values.device).reshape(-1)
     n_shells = size // 2 + 1
     keep = shell < n_shells
     sums = torch.zeros(n_shells, dtype=torch.float64, device=values.device)
@@ -525,7 +520,7 @@ def solve_half_maps(
     if randomise_from is None:
         return HalfMapSolution(full, half1, half2, curve, per_shell)
     start = randomisation_shell(curve.fsc, randomise_from)
-    low = _low_shells(dp, size, start, device)
+    low = (_padded_shells(dp, size, device) <= start).to(torch.float64)
     randomised = []
     for h, half in enumerate((half1, half2)):
         leak = _solve(halves[h], inv, size, kernel, keep=low)
