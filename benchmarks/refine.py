@@ -17,7 +17,7 @@ Runs (all on the same particles):
                 an initial model as good as a 30 Å map of the right structure);
   refine_prior  the same with the native prior denoising each half's reference
                 (plug-and-play, Blush-style; mass from the sequence);
-  abinitio      ``ab_initio`` (40 → 20 Å, 1,000-particle rounds) then refine; scored in
+  abinitio      ``ab_initio`` (40 → 15 Å, 1,000-particle rounds) then refine; scored in
                 the better of the two hands (reported);
   cryodrgn      cryoDRGN 4.3.1 ``abinit_homo_old`` (4.3.1's name for ``abinit_homo``) on
                 the same particles: ``--cryodrgn PATH`` names its executable (install it
