@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
+
+
+@cache
+def git_commit() -> str:
+    """The short commit of the checkout the benchmark runs from ("" outside git)."""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return out.stdout.strip()
 
 
 def peak_rss_mb() -> float:

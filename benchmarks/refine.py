@@ -57,7 +57,7 @@ RESULTS = HERE / "results"
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _common import write_results  # noqa: E402
+from _common import git_commit, write_results  # noqa: E402
 from native_reconstruction import PROTEINS, score, truth_map  # noqa: E402
 
 DEFAULT_PROTEINS = ("protein_A", "2qdl_A", "3aqg_A")
@@ -69,9 +69,7 @@ LABELS = {
     "abinitio": "ab initio + refine",
     "cryodrgn": "cryoDRGN abinit_homo",
 }
-COMMIT = subprocess.run(
-    ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-).stdout.strip()
+COMMIT = git_commit()
 MIRROR = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
 
 
