@@ -46,3 +46,23 @@ def write_results(
     write_text_atomic(out / f"{name}.md", summarise(result))
     if result["rows"]:
         plot(result, out / f"{name}.png")
+
+
+def merge_rows(
+    result: dict,
+    others: list[dict],
+    key: Callable[[dict], tuple],
+    sort_key: Callable[[dict], tuple] | None = None,
+) -> dict:
+    """``result`` with the rows of side-by-side passes ``others`` added, each replacing a
+    row of the same ``key``; every pass's command kept in ``result["commands"]``."""
+    commands = list(result.get("commands") or [result.get("command")])
+    for other in others:
+        keys = {key(r) for r in other["rows"]}
+        result["rows"] = [r for r in result["rows"] if key(r) not in keys] + other["rows"]
+        if other.get("command") and other["command"] not in commands:
+            commands.append(other["command"])
+    result["commands"] = [c for c in commands if c]
+    if sort_key is not None:
+        result["rows"].sort(key=sort_key)
+    return result

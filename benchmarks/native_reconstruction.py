@@ -62,7 +62,7 @@ RESULTS = HERE / "results"
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _common import git_commit, peak_rss_mb, write_results  # noqa: E402
+from _common import git_commit, merge_rows, peak_rss_mb, write_results  # noqa: E402
 
 PROTEINS = ("5pti_A", "1fki_A", "3aqg_A", "2qdl_A", "protein_A")
 SNRS = (0.1, 0.03, 0.01)
@@ -398,8 +398,10 @@ def summarise(result: dict) -> str:
         f"grid, same particles, same mask ({result.get('mask')}). Prior `{result.get('prior')}`"
         f" ({result.get('prior_training_steps')} training steps), Π-GDM, "
         f"{result.get('steps')} DDIM steps, mean of {result.get('samples')} samples; "
-        f"denoiser-only: {result.get('pnp_iter')} HQS iterations. Command: "
-        f"`{result.get('command')}`."
+        f"denoiser-only: {result.get('pnp_iter')} HQS iterations. "
+        + "Commands: "
+        + "; ".join(f"`{c}`" for c in result.get("commands") or [result.get("command")])
+        + "."
         + (
             " Denoiser-only entries recomputed with the preconditioned data-consistency "
             f"solves (commit {', '.join(pnp_commits)}): `{result['pnp_redo_command']}`."
@@ -549,6 +551,23 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def merge(args: argparse.Namespace) -> dict:
+    """Cells of side-by-side passes (``--merge NAME ...``) added to ``--name``'s results,
+    replacing cells of the same (protein, SNR, N)."""
+    out = Path(args.out)
+    result = load_result(out / f"{args.name}.json")
+    others = [load_result(out / f"{other}.json") for other in args.merge]
+
+    def key(r: dict) -> tuple:
+        return (r["protein"], r["snr"], r["n"])
+
+    def sort_key(r: dict) -> tuple:
+        return (PROTEINS.index(r["protein"]), -r["snr"], r["n"])
+
+    save_result(merge_rows(result, others, key, sort_key), out, args.name)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prior", default=str(ROOT / "src/cryoprior/assets/priors/volume_native"))
@@ -579,6 +598,7 @@ def main() -> None:
         help="recompute only the denoiser-only entries of finished cells made before its "
         "CG was preconditioned (rows without a pnp commit)",
     )
+    ap.add_argument("--merge", nargs="+", help="merge these results into --name and stop")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     if args.quick:
@@ -587,7 +607,7 @@ def main() -> None:
         args.out = tempfile.mkdtemp(prefix="cryoprior_quick_")
     if args.large_only:
         args.proteins, args.large = [], True
-    result = run(args)
+    result = merge(args) if args.merge else run(args)
     print(summarise(result))
     print(f"wrote {Path(args.out) / args.name}.json / .md / .png")
 

@@ -57,7 +57,7 @@ RESULTS = HERE / "results"
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _common import git_commit, write_results  # noqa: E402
+from _common import git_commit, merge_rows, write_results  # noqa: E402
 from native_reconstruction import PROTEINS, score, truth_map  # noqa: E402
 
 DEFAULT_PROTEINS = ("protein_A", "2qdl_A", "3aqg_A")
@@ -311,16 +311,17 @@ def merge(args: argparse.Namespace) -> dict:
     def key(r: dict) -> tuple:
         return (r["protein"], r["snr"], r.get("n", result["n"]), r["run"])
 
+    others = []
     for other in args.merge:
         data = json.loads((out / f"{other}.json").read_text())
-        rows = [{"n": data["n"]} | r for r in data["rows"]]
-        keys = {key(r) for r in rows}
-        result["rows"] = [r for r in result["rows"] if key(r) not in keys] + rows
+        data["rows"] = [{"n": data["n"]} | r for r in data["rows"]]
+        others.append(data)
     order = {k: i for i, k in enumerate(RUNS)}
-    result["rows"].sort(
-        key=lambda r: (r["protein"], -r["snr"], -r.get("n", result["n"]), order[r["run"]])
-    )
-    save(result, out, args.name)
+
+    def sort_key(r: dict) -> tuple:
+        return (r["protein"], -r["snr"], -r.get("n", result["n"]), order[r["run"]])
+
+    save(merge_rows(result, others, key, sort_key), out, args.name)
     return result
 
 
