@@ -170,3 +170,27 @@ def test_registry_errors():
         build_network({"name": "unet", "dims": 2, "in_channels": 1, "out_channels": 1, "depth": 3})
     with pytest.raises(InputError, match="not a registered network"):
         network_config(torch.nn.Linear(2, 2))
+
+
+def test_pixel_norm_normalises_each_voxel_over_its_channels(gen):
+    from cryoprior.networks.unet import PixelNorm
+
+    norm = PixelNorm(6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(6, generator=gen))
+        norm.bias.copy_(torch.randn(6, generator=gen))
+    x = 3.0 + 2.0 * torch.randn(2, 6, 5, 4, 3, generator=gen, dtype=torch.float64)
+    norm = norm.double()
+    mean = x.mean(dim=1, keepdim=True)
+    var = x.var(dim=1, keepdim=True, unbiased=False)
+    want = (x - mean) / torch.sqrt(var + norm.eps) * norm.weight.view(1, -1, 1, 1, 1)
+    want = want + norm.bias.view(1, -1, 1, 1, 1)
+    y = x.clone()
+    y[0, :, 0, 0, 0] += 5.0
+    with torch.no_grad():
+        out, out_y = norm(x), norm(y)
+    assert out.shape == x.shape
+    assert torch.allclose(out, want, atol=1e-10)
+    # no statistics over space: one voxel's output depends on that voxel only
+    diff = (out_y - out).abs().sum(dim=1)
+    assert float(diff[0, 0, 0, 0]) > 0 and float(diff.sum() - diff[0, 0, 0, 0]) == 0.0
