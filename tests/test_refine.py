@@ -113,6 +113,21 @@ def test_cli_refine_finds_poses_resumes_and_writes_a_star_that_reconstructs(stac
     assert json.loads((rec / "reconstruct.json").read_text())["resolution_0143_halves"] < 12.0
 
 
+def test_cli_refine_with_soft_assignment_finds_poses(stack, tmp_path):
+    folder, star = stack
+    out = tmp_path / "soft"
+    assert _refine(star, folder / "truth.mrc", out, 2, "--soft-k", "4") == 0
+    assert json.loads((out / "refine_state.json").read_text())["config"]["soft_k"] == 4
+    est, true = read_particles(out / "run_data.star"), read_particles(star)
+    err = pose_errors(
+        est.rotation_matrices(),
+        torch.from_numpy(est.shifts),
+        true.rotation_matrices(),
+        torch.from_numpy(true.shifts),
+    )
+    assert err["median_angle_deg"] < 12.0, err
+
+
 def test_cli_refine_refuses_bad_inputs_without_output(stack, tmp_path, capsys):
     folder, star = stack
     bad = tmp_path / "bad.mrc"
@@ -144,24 +159,27 @@ def test_cli_ab_initio_start_runs_and_records_its_rounds(stack, tmp_path):
     assert read_particles(out / "run_data.star").has_poses
 
 
-def _refine_worker(rank: int, world: int, port: int, star: str, model: str, out: str) -> None:
+def _refine_worker(
+    rank: int, world: int, port: int, star: str, model: str, out: str, soft_k: int
+) -> None:
     from test_ddp_reconstruct import _torchrun_env
 
     _torchrun_env(rank, world, port)
     torch.set_num_threads(1)
-    assert _refine(star, model, out, 2) == 0
+    assert _refine(star, model, out, 2, "--soft-k", str(soft_k)) == 0
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
-def test_refine_under_two_ranks_equals_one_process(stack, tmp_path):
+@pytest.mark.parametrize("soft_k", [1, 3])
+def test_refine_under_two_ranks_equals_one_process(stack, tmp_path, soft_k):
     import torch.multiprocessing as mp
     from test_ddp_reconstruct import _free_port
 
     folder, star = stack
     model = folder / "truth.mrc"
-    args = (2, _free_port(), str(star), str(model), str(tmp_path / "two"))
+    args = (2, _free_port(), str(star), str(model), str(tmp_path / "two"), soft_k)
     mp.spawn(_refine_worker, args=args, nprocs=2, join=True)
-    assert _refine(star, model, tmp_path / "one", 2) == 0
+    assert _refine(star, model, tmp_path / "one", 2, "--soft-k", str(soft_k)) == 0
     one, two = (read_particles(tmp_path / d / "run_data.star") for d in ("one", "two"))
     # each particle is searched by one rank against the same references: the same poses
     assert np.allclose(one.angles, two.angles, atol=1e-4)

@@ -56,6 +56,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--global-step", type=float, default=7.5, help="SO(3) grid step, degrees (7.5)")
     p.add_argument("--max-shift", type=float, default=None, help="Å (default 4 px)")
     p.add_argument(
+        "--soft-k",
+        type=int,
+        default=1,
+        help="global iterations reconstruct each particle from its K best poses, weighted "
+        "by their likelihood (RELION's expectation, truncated); 1 = best pose only (1)",
+    )
+    p.add_argument(
         "--particle-radius", type=float, default=None, help="Å, for the angular step (0.3 box)"
     )
     p.add_argument(
@@ -170,6 +177,7 @@ def main(args: argparse.Namespace) -> int:
             max_shift=args.max_shift,
             particle_radius=args.particle_radius,
             mask_radius=args.mask_radius,
+            soft_k=args.soft_k,
             image_batch=args.batch_size,
             seed=args.seed,
         )

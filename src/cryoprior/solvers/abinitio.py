@@ -23,16 +23,11 @@ from cryoprior.core.errors import require
 from cryoprior.geometry.rotations import random_rotations
 from cryoprior.physics.ctf import CTFParams, compute_ctf
 from cryoprior.physics.projection import padded_size
-from cryoprior.physics.shifts import shift_images
 from cryoprior.physics.source import ParticleSource
-from cryoprior.solvers.backprojection import (
-    insert_images,
-    new_grids,
-    reconstruct_source,
-    solve_half_maps,
-)
+from cryoprior.solvers.backprojection import new_grids, reconstruct_source, solve_half_maps
 from cryoprior.solvers.poses import PoseAssignment, global_search
 from cryoprior.solvers.refine import Log, lowpass, solvent_mask, with_poses
+from cryoprior.solvers.soft_reconstruction import insert_soft
 
 
 def soft_reconstruct(
@@ -44,27 +39,24 @@ def soft_reconstruct(
 ) -> torch.Tensor:
     """The Wiener map (D, D, D) from images (n, D, D; not centred) inserted at each of
     their K poses with the assignment's weights (RELION's expectation, truncated to the
-    top K): Σ w CTF·F̂ and Σ w CTF² (images and CTFs scaled by √w); per-shell SSNR from the
-    FSC of the even and odd images' half maps."""
+    top K; :func:`~cryoprior.solvers.soft_reconstruction.insert_soft`); per-shell SSNR
+    from the FSC of the even and odd images' half maps."""
     n, d = images.shape[0], images.shape[-1]
     dp = padded_size(d, pad)
-    if ctf is None:
-        c = torch.ones(n, dp, dp)
-    else:
-        c = compute_ctf(ctf, (dp, dp), pixel_size, torch.float32)
+    c = None if ctf is None else compute_ctf(ctf, (dp, dp), pixel_size, torch.float32)
     grids = [new_grids(dp, torch.float32), new_grids(dp, torch.float32)]
     half = torch.arange(n) % 2
-    for k in range(assignment.weights.shape[1]):
-        w = assignment.weights[:, k].to(torch.float32)
-        root = w.sqrt()[:, None, None]
-        centred = shift_images(images, (assignment.top_shifts[:, k] / pixel_size).float())
-        rot = assignment.top_rotations[:, k].to(torch.float32)
-        for h in (0, 1):
-            sel = (half == h) & (w > 1e-4)
-            if bool(sel.any()):
-                insert_images(
-                    centred[sel] * root[sel], rot[sel], c[sel] * root[sel], dp, "linear", grids[h]
-                )
+    for h in (0, 1):
+        sel = half == h
+        insert_soft(
+            images[sel],
+            None if c is None else c[sel],
+            assignment.top_rotations[sel],
+            assignment.top_shifts[sel],
+            assignment.weights[sel],
+            pixel_size,
+            grids[h],
+        )
     return solve_half_maps(grids, d, pixel_size, ssnr="fsc").full
 
 

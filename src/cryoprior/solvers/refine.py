@@ -80,6 +80,7 @@ from cryoprior.solvers.distributed_recon import (
 )
 from cryoprior.solvers.halfmap import shell_filter
 from cryoprior.solvers.poses import global_search, refine_local
+from cryoprior.solvers.soft_reconstruction import SoftPoses, reconstruct_soft
 
 Log = Callable[[str], None]
 
@@ -113,7 +114,9 @@ class RefineConfig:
     compares up to this fraction of the half maps' FSC 0.143 resolution (a few shells
     beyond it, as RELION; the Wiener-filtered references weigh those shells down).
     ``prior_iterations``: network evaluations of the plug-and-play denoising of the
-    references with a prior.
+    references with a prior. ``soft_k``: the poses per particle that global iterations
+    reconstruct from (its K best, weighted by their likelihood:
+    :mod:`cryoprior.solvers.soft_reconstruction`); 1 is the hard assignment.
     """
 
     iterations: int = 8
@@ -130,6 +133,7 @@ class RefineConfig:
     image_batch: int = 2048
     seed: int = 0
     prior_iterations: int = 8
+    soft_k: int = 1
 
     def validate(self) -> None:
         require(int(self.iterations) >= 1, f"iterations must be >= 1, got {self.iterations}")
@@ -140,6 +144,7 @@ class RefineConfig:
         require(self.max_shift is None or self.max_shift >= 0, "max shift must be >= 0 Å")
         require(self.mask_radius is None or self.mask_radius > 0, "mask radius must be > 0 Å")
         require(int(self.image_batch) >= 1, "image batch must be >= 1")
+        require(int(self.soft_k) >= 1, f"soft_k must be >= 1, got {self.soft_k}")
 
 
 @dataclass
@@ -302,18 +307,22 @@ def assign_poses(
     search: str,
     max_shift: float,
     image_batch: int,
+    top_k: int = 1,
     show_progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, SoftPoses | None]:
     """New poses (n, 3, 3) and origins (n, 2) Å of every particle against its half's
     reference: ``search`` = "global" (grid step ``step``°, normalised correlation) or
-    "local" (passes at step and step/2 around ``rotations``/``shifts``, likelihood).
-    Under ``torchrun`` each process searches its shard; the results are summed (each
-    particle is filled by one process only)."""
+    "local" (passes at step and step/2 around ``rotations``/``shifts``, likelihood), and,
+    for a global search with ``top_k`` > 1, each particle's ``top_k`` best poses and
+    their weights (else None). Under ``torchrun`` each process searches its shard; the
+    results are summed (each particle is filled by one process only)."""
     n = len(source)
     rank, world = process_layout()
     mine = shard_indices(n, rank, world)
     out_rot = torch.zeros(n, 3, 3, dtype=torch.float64)
     out_shift = torch.zeros(n, 2, dtype=torch.float64)
+    k = int(top_k) if search == "global" else 1
+    soft = [torch.zeros(n, k, *tail, dtype=torch.float64) for tail in ((3, 3), (2,), ())]
     px = source.pixel_size
     for h, part in enumerate(split):
         idx = np.intersect1d(part, mine, assume_unique=True)
@@ -328,9 +337,14 @@ def assign_poses(
                     band=band,
                     step_deg=step,
                     max_shift=max_shift,
+                    top_k=k,
                     score="correlation",
                     show_progress=show_progress,
                 )
+                if k > 1:
+                    at = torch.from_numpy(batch.indices)
+                    soft[0][at], soft[1][at] = a.top_rotations, a.top_shifts
+                    soft[2][at] = a.weights
             else:
                 ids = torch.from_numpy(batch.indices)
                 a = refine_local(
@@ -347,8 +361,11 @@ def assign_poses(
                 )
             out_rot[torch.from_numpy(batch.indices)] = a.rotations.to(torch.float64)
             out_shift[torch.from_numpy(batch.indices)] = a.shifts.to(torch.float64)
-    allreduce_accumulators([out_rot, out_shift])
-    return out_rot, out_shift
+    if k == 1:
+        allreduce_accumulators([out_rot, out_shift])
+        return out_rot, out_shift, None
+    allreduce_accumulators([out_rot, out_shift, *soft])
+    return out_rot, out_shift, SoftPoses(*soft)
 
 
 def _denoise_halves(
@@ -379,11 +396,19 @@ def _denoise_halves(
 
 
 def _reconstruct(
-    particles: Particles, seed: int, randomise_from: int | None = None
+    particles: Particles,
+    seed: int,
+    randomise_from: int | None = None,
+    soft: SoftPoses | None = None,
 ) -> SourceReconstruction:
-    """Both half maps at the particles' poses (sharded under ``torchrun``), with their
-    phase-randomised copies when ``randomise_from`` is given."""
+    """Both half maps at the particles' poses, or at their weighted ``soft`` poses
+    (sharded under ``torchrun``), with their phase-randomised copies when
+    ``randomise_from`` is given."""
     source = ParticleSource(particles, check=False)
+    if soft is not None:
+        return reconstruct_soft(
+            source, soft, seed=seed, distributed=True, randomise_from=randomise_from
+        )
     return reconstruct_source(
         source, ssnr="fsc", seed=seed, distributed=True, randomise_from=randomise_from
     )
@@ -465,7 +490,7 @@ def refine(
             step = angular_step(band, radius, config.min_step, step)
         if search == "global":
             band = max(band, min(config.global_finest, config.initial_lowpass))
-        new_rot, new_shift = assign_poses(
+        new_rot, new_shift, soft = assign_poses(
             source,
             refs,
             split,
@@ -476,13 +501,14 @@ def refine(
             search=search,
             max_shift=max_shift,
             image_batch=config.image_batch,
+            top_k=config.soft_k,
             show_progress=show_progress,
         )
         change = _mean_change(new_rot, rotations) if rotations is not None else None
         moved = float((new_shift - shifts).norm(dim=-1).mean()) if shifts is not None else None
         rotations, shifts = new_rot, new_shift
         particles = with_poses(source.particles, rotations, shifts)
-        rec = _reconstruct(particles, config.seed, _randomise_limit(band, box, px))
+        rec = _reconstruct(particles, config.seed, _randomise_limit(band, box, px), soft)
         refs = [rec.half1.double() * mask, rec.half2.double() * mask]
         fsc_curve = corrected_fsc(
             rec.half1, rec.half2, px, mask, rec.randomised_from, randomised=rec.randomised
