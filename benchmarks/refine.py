@@ -17,6 +17,9 @@ Runs (all on the same particles):
                 an initial model as good as a 30 Å map of the right structure);
   refine_prior  the same with the native prior denoising each half's reference
                 (plug-and-play, Blush-style; mass from the sequence);
+  refine_soft   ``refine`` from the same start with soft assignment in its global
+                iterations (--soft-k best poses per particle, weighted; refine_soft_prior
+                with the prior too);
   abinitio      ``ab_initio`` (40 → 15 Å, 1,000-particle rounds) then refine; scored in
                 the better of the two hands (reported);
   cryodrgn      cryoDRGN 4.3.1 ``abinit_homo_old`` (4.3.1's name for ``abinit_homo``) on
@@ -61,13 +64,23 @@ from _common import git_commit, merge_rows, write_results  # noqa: E402
 from native_reconstruction import PROTEINS, score, truth_map  # noqa: E402
 
 DEFAULT_PROTEINS = ("protein_A", "2qdl_A", "3aqg_A")
-RUNS = ("wiener", "refine", "refine_prior", "abinitio", "cryodrgn")
+RUNS = (
+    "wiener",
+    "refine",
+    "refine_prior",
+    "abinitio",
+    "cryodrgn",
+    "refine_soft",
+    "refine_soft_prior",
+)
 LABELS = {
     "wiener": "Wiener, true poses",
     "refine": "refine from 30 Å truth",
     "refine_prior": "refine + prior",
     "abinitio": "ab initio + refine",
     "cryodrgn": "cryoDRGN abinit_homo",
+    "refine_soft": "refine from 30 Å truth, soft",
+    "refine_soft_prior": "refine + prior, soft",
 }
 COMMIT = git_commit()
 MIRROR = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
@@ -189,6 +202,9 @@ def run_one(kind, blind, truth_particles, truth, rec, px, sphere, work, prior, a
     source = ParticleSource.from_star(blind)
     config = RefineConfig(iterations=args.iterations, seed=0)
     extra: dict = {}
+    if kind.startswith("refine_soft"):
+        config.soft_k = args.soft_k
+        extra["soft_k"] = args.soft_k
     if kind == "abinitio":
         initial, rounds = ab_initio(source, AbInitioConfig(seed=0), log=print)
         config.initial_lowpass = AbInitioConfig().bands[-1]
@@ -200,7 +216,7 @@ def run_one(kind, blind, truth_particles, truth, rec, px, sphere, work, prior, a
         initial,
         work / kind,
         config,
-        prior=prior if kind == "refine_prior" else None,
+        prior=prior if kind.endswith("prior") else None,
         mass_kda=protein_mass_kda(rec.sequence),
         log=print,
     )
@@ -252,6 +268,7 @@ def summarise(result: dict) -> str:
         rot = f"{poses['mean_angle_deg']:.2f} / {poses['median_angle_deg']:.2f}" if poses else "—"
         shift = f"{poses['median_shift_angstrom']:.2f}" if poses else "—"
         label = LABELS[r["run"]] + (f", {m['epochs']} epochs" if "epochs" in m else "")
+        label += f" (K = {m['soft_k']})" if "soft_k" in m else ""
         halves = f"{m['halves_fsc0143']:.2f}" if m["halves_fsc0143"] == m["halves_fsc0143"] else "—"
         lines.append(
             f"| {r['protein']} | {r['snr']:g} | {r.get('n', result['n'])} | {label}"
@@ -337,7 +354,7 @@ def run(args: argparse.Namespace) -> dict:
     result = json.loads(path.read_text()) if path.is_file() else {"rows": []}
     if "cryodrgn" in args.runs and not args.cryodrgn:
         raise SystemExit("the cryodrgn run needs --cryodrgn PATH (its executable)")
-    prior = load_prior(args.prior) if "refine_prior" in args.runs else None
+    prior = load_prior(args.prior) if any(r.endswith("prior") for r in args.runs) else None
     if prior is not None:
         train = set(prior.metadata.data.get("split", {}).get("train", []))
         assert not train & set(args.proteins), "a test protein is in the prior's training"
@@ -411,6 +428,7 @@ def main() -> None:
     ap.add_argument("--pixel-size", type=float, default=1.5)
     ap.add_argument("--envelope", type=float, default=60.0)
     ap.add_argument("--iterations", type=int, default=8)
+    ap.add_argument("--soft-k", type=int, default=8, help="poses per particle of soft runs")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="refine")
     ap.add_argument("--out", default=str(RESULTS))
