@@ -15,8 +15,10 @@ estimate (RELION's auto-refine, Scheres & Chen 2012). One iteration:
    a quarter of the resolution, never coarser than the previous step.
 2. **Reconstruction** of both halves at the new poses (Wiener, per-shell SSNR from their
    FSC; :func:`~cryoprior.solvers.backprojection.reconstruct_source`, sharded over
-   processes under ``torchrun``); ``band_factor`` × the half maps' FSC 0.143 resolution
-   is the next band.
+   processes under ``torchrun``), or, with ``soft_k`` > 1 in global iterations, at each
+   particle's ``soft_k`` best poses weighted by their likelihood (RELION's expectation,
+   truncated; :func:`~cryoprior.solvers.soft_reconstruction.reconstruct_soft`);
+   ``band_factor`` × the half maps' FSC 0.143 resolution is the next band.
 3. **References**: the half maps themselves (already Wiener-filtered by the SSNR) under
    a soft spherical solvent mask (``mask_radius``, as RELION's particle-diameter mask), or,
    with a density-map prior, each half map denoised by the prior's network
