@@ -44,6 +44,17 @@ def _refine(star, model, out, iterations, *extra):
     return cli_main(args + list(extra))
 
 
+def _pose_errors(estimated, true) -> dict:
+    """Rotation and origin errors of an estimated-pose STAR file against the true one."""
+    est, ref = read_particles(estimated), read_particles(true)
+    return pose_errors(
+        est.rotation_matrices(),
+        torch.from_numpy(est.shifts),
+        ref.rotation_matrices(),
+        torch.from_numpy(ref.shifts),
+    )
+
+
 def test_lowpass_and_angular_step():
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(24, 24, 24, generator=gen, dtype=torch.float64)
@@ -97,13 +108,7 @@ def test_cli_refine_finds_poses_resumes_and_writes_a_star_that_reconstructs(stac
     assert {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst"} <= set(
         table["particles"].columns
     )
-    est, true = read_particles(out / "run_data.star"), read_particles(star)
-    err = pose_errors(
-        est.rotation_matrices(),
-        torch.from_numpy(est.shifts),
-        true.rotation_matrices(),
-        torch.from_numpy(true.shifts),
-    )
+    err = _pose_errors(out / "run_data.star", star)
     # (random poses: ~126° median; the 6 Å Nyquist of this grid limits the accuracy)
     assert err["median_angle_deg"] < 10.0, err
     assert err["median_shift_angstrom"] < 1.5, err
@@ -118,13 +123,7 @@ def test_cli_refine_with_soft_assignment_finds_poses(stack, tmp_path):
     out = tmp_path / "soft"
     assert _refine(star, folder / "truth.mrc", out, 2, "--soft-k", "4") == 0
     assert json.loads((out / "refine_state.json").read_text())["config"]["soft_k"] == 4
-    est, true = read_particles(out / "run_data.star"), read_particles(star)
-    err = pose_errors(
-        est.rotation_matrices(),
-        torch.from_numpy(est.shifts),
-        true.rotation_matrices(),
-        torch.from_numpy(true.shifts),
-    )
+    err = _pose_errors(out / "run_data.star", star)
     assert err["median_angle_deg"] < 12.0, err
 
 
