@@ -253,27 +253,31 @@ def summarise(result: dict) -> str:
         "and ±3 Å origins never given to the methods; all runs of one (protein, SNR, N) on "
         "the same particles. FSC vs truth inside a soft sphere (radius 0.4 box), of the "
         "Wiener map at the estimated poses after the best global rotation (both hands for "
-        "ab initio runs). 'refine' starts from the TRUTH low-passed to 30 Å (stated as "
+        "ab initio runs): in rows with a 'within 10°' value, the rotation most particles "
+        "agree on (RANSAC); in rows without, the rotation nearest the mean of all, which "
+        "a share of particles locked in a pseudo-symmetric copy pulls between the two "
+        "frames. 'refine' starts from the TRUTH low-passed to 30 Å (stated as "
         "such). Half maps: as each method reports it (refine: masked by the 0.4-box "
         "sphere, corrected by phase randomisation; Wiener: unmasked). Time on one CPU "
         "thread with another job on the second core.",
         "",
         "| protein | SNR | N | run | FSC₀.₁₄₃ vs truth (Å) | half maps FSC₀.₁₄₃ (Å) | "
-        "rotation error mean / median (°) | origin error (Å) | hand | time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "rotation error mean / median (°) | within 10° | origin error (Å) | hand | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = r["metrics"]
         poses = m.get("poses")
         rot = f"{poses['mean_angle_deg']:.2f} / {poses['median_angle_deg']:.2f}" if poses else "—"
         shift = f"{poses['median_shift_angstrom']:.2f}" if poses else "—"
+        within = f"{poses['within_10_deg']:.0%}" if poses and "within_10_deg" in poses else "—"
         label = LABELS[r["run"]] + (f", {m['epochs']} epochs" if "epochs" in m else "")
         label += f" (K = {m['soft_k']})" if "soft_k" in m else ""
         halves = f"{m['halves_fsc0143']:.2f}" if m["halves_fsc0143"] == m["halves_fsc0143"] else "—"
         lines.append(
             f"| {r['protein']} | {r['snr']:g} | {r.get('n', result['n'])} | {label}"
             f"{'' if 'commit' in r or r['run'] == 'wiener' else ' †'} | {m['fsc0143']:.2f} | "
-            f"{halves} | {rot} | {shift} | {m.get('hand', '—')} | "
+            f"{halves} | {rot} | {within} | {shift} | {m.get('hand', '—')} | "
             f"{m['seconds']:.0f} |"
         )
     commands = sorted({r["command"] for r in rows if "command" in r} or {result["command"]})
