@@ -229,3 +229,29 @@ def test_preconditioned_cg_solves_the_same_system_faster():
     pre = conjugate_gradient(lambda v: m @ v, b, max_iter=10, preconditioner=lambda v: v / diag)
     assert float(pre.relative_residual) < 1e-3 < float(plain.relative_residual)
     torch.testing.assert_close(pre.x, exact, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize(("n", "d"), [(16, 8), (17, 8), (12, 12)])
+def test_cropped_irfftn_equals_the_cropped_full_inverse(n, d):
+    from cryoprior.solvers.fourier_data import cropped_irfftn
+
+    g = torch.Generator().manual_seed(n)
+    spec = torch.fft.rfftn(torch.randn(2, n, n, n, generator=g), dim=(-3, -2, -1))
+    full = torch.fft.irfftn(spec, s=(n,) * 3, dim=(-3, -2, -1))[..., :d, :d, :d]
+    fast = cropped_irfftn(spec, n, d)
+    assert fast.shape == (2, d, d, d)
+    torch.testing.assert_close(fast, full, rtol=0, atol=1e-5 * float(full.abs().max()))
+
+
+def test_fourier_likelihood_fused_normal_equals_adjoint_of_forward(tiny_particles):
+    from cryoprior.physics.operators import ScaledLinearOperator
+
+    _, _, sim = tiny_particles
+    data = accumulate_particles(ParticleSource.from_star(sim.paths["star"]), 32, 3.0)
+    op = FourierLikelihoodOperator(data)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn((2, *op.domain_shape), generator=g, dtype=torch.float64)
+    reference = op.apply_adjoint(op.apply(x))
+    torch.testing.assert_close(op.normal(x), reference, rtol=1e-9, atol=1e-9)
+    scaled = ScaledLinearOperator(op, 0.5)
+    torch.testing.assert_close(scaled.normal(x), 0.25 * reference, rtol=1e-9, atol=1e-9)

@@ -190,6 +190,10 @@ class ScaledLinearOperator(LinearOperator):
     def apply_adjoint(self, y: torch.Tensor) -> torch.Tensor:
         return self.factor * self.op.apply_adjoint(y)
 
+    def normal(self, x: torch.Tensor) -> torch.Tensor:
+        """factor² AᵀA x, through A's own (possibly fused) normal operator."""
+        return self.factor**2 * self.op.normal(x)
+
 
 class ComposedLinearOperator(LinearOperator):
     """A₁ ∘ A₂ ∘ … ∘ Aₙ (``ops`` outermost first, as written in maths); adjoint in reverse."""

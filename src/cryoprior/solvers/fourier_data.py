@@ -231,6 +231,7 @@ class FourierLikelihoodOperator(LinearOperator):
         # adjoint factor: conj(q) · h · Dp³, h = ½ on the doubled columns (irfftn counts them
         # twice), 1 on the self-conjugate planes
         self._qa = torch.conj(q) * (float(dp) ** 3 / self._m2)
+        self._nw = w_half * float(dp) ** 3  # q · qa: BᵀB's spectral weight (phases cancel)
         self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def _to_half(self, full_centred: torch.Tensor) -> torch.Tensor:
@@ -295,7 +296,9 @@ class FourierLikelihoodOperator(LinearOperator):
     def approx_normal_inverse(self, v: torch.Tensor, a: float, b: float) -> torch.Tensor:
         """≈ (a I + b BᵀB)⁻¹ v for maps v (*batch, D, D, D): a Fourier-diagonal
         preconditioner on the map's grid (:meth:`_normal_spectrum`)."""
-        lam = self._normal_spectrum().to(device=v.device, dtype=v.dtype)
+        if "_lam" not in self.__dict__:
+            self._normal_spectrum()
+        lam = self._cast("_lam", v, False)
         dims = (-3, -2, -1)
         spec = torch.fft.rfftn(v, dim=dims) / (a + b * lam)
         return torch.fft.irfftn(spec, s=v.shape[-3:], dim=dims)
@@ -305,11 +308,26 @@ class FourierLikelihoodOperator(LinearOperator):
         spec = torch.fft.rfftn(x * g, s=(self.dp,) * 3, dim=(-3, -2, -1))
         return torch.view_as_real(spec * self._cast("_q", x, True))
 
+    def normal(self, x: torch.Tensor) -> torch.Tensor:
+        """BᵀB x = g · crop(IFFT(κW Dp³ · FFT(pad(g · x)))): the forward and the adjoint
+        fused, with no measurement-layout round trip (one real multiply of the spectrum)."""
+        g = self._cast("_g", x, False)
+        spec = torch.fft.rfftn(x * g, s=(self.dp,) * 3, dim=(-3, -2, -1))
+        return cropped_irfftn(spec * self._cast("_nw", x, False), self.dp, self.size) * g
+
     def apply_adjoint(self, y: torch.Tensor) -> torch.Tensor:
         spec = torch.view_as_complex(y.contiguous()) * self._cast("_qa", y, True)
-        back = torch.fft.irfftn(spec, s=(self.dp,) * 3, dim=(-3, -2, -1))
-        d = self.size
-        return back[..., :d, :d, :d] * self._cast("_g", y, False)
+        return cropped_irfftn(spec, self.dp, self.size) * self._cast("_g", y, False)
+
+
+def cropped_irfftn(spec: torch.Tensor, n: int, d: int) -> torch.Tensor:
+    """``irfftn(spec, s=(n, n, n))[..., :d, :d, :d]`` for a half spectrum
+    (*batch, n, n, n//2 + 1): one axis at a time, each cropped to ``d`` as soon as it is
+    transformed, so the later axes see less data (at n = 2d about 3× faster than the
+    full inverse on CPU; the same values to float rounding)."""
+    h = torch.fft.ifft(spec, dim=-3)[..., :d, :, :].contiguous()
+    h = torch.fft.ifft(h, dim=-2)[..., :d, :].contiguous()
+    return torch.fft.irfft(h, n=n, dim=-1)[..., :d]
 
 
 @torch.no_grad()
