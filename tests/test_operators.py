@@ -14,11 +14,15 @@ from cryoprior.core.errors import InputError
 from cryoprior.geometry.rotations import random_rotations
 from cryoprior.physics.atoms import gaussians_to_map
 from cryoprior.physics.ctf import CTFParams, apply_ctf, compute_ctf
+from cryoprior.physics.measurement import (
+    GaussianNoiseModel,
+    estimate_map_integral,
+    estimate_noise_sigma,
+)
 from cryoprior.physics.noise import add_noise, noise_sigma_for_snr
 from cryoprior.physics.operators import (
     CalphaProjectionOperator,
     CTFOperator,
-    GaussianNoiseModel,
     GradientOperator,
     MatrixOperator,
     PaddedCTFOperator,
@@ -26,8 +30,6 @@ from cryoprior.physics.operators import (
     ProjectionCTFOperator,
     ProjectionOperator,
     ShiftOperator,
-    estimate_map_integral,
-    estimate_noise_sigma,
 )
 from cryoprior.physics.projection import gaussian_blobs, padded_size, project
 from cryoprior.physics.shifts import shift_images

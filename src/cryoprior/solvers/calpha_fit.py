@@ -27,7 +27,7 @@ Amplitude a, never from the truth (``amplitude=``):
   coordinates fit part of the noise it comes out high (measured at SNR 0.1 on 64-residue
   segments: ×1.1–1.3 with the prior, ×1.2–1.6 without, K = 10 … 1).
 - ``"dc"``: from the images' DC terms, a = ∫V d³r / N
-  (:func:`~cryoprior.physics.operators.estimate_map_integral`, CTF(0) included). The DC
+  (:func:`~cryoprior.physics.measurement.estimate_map_integral`, CTF(0) included). The DC
   term carries only the amplitude-contrast part of the CTF (CTF(0) ≈ 0.1), so with a few
   noisy images this estimate is noisy (measured ×1.04 at K = 10, ×1.5 at K = 3, ×3 at
   K = 1, SNR 0.1; it can even come out negative: then an InputError says so) and the CTF
@@ -56,7 +56,7 @@ posterior variance of a Gaussian prior of per-coordinate standard deviation ``da
 (default: a compact chain of N residues, ``radius_of_gyration_guess(N) / (√3 · scale)``).
 ``"dps"`` (Chung et al. 2023, Alg. 1) takes the step ζ ∇_{x_t}‖y − A(x̂0(x_t))‖ instead;
 ζ (network units) must be tuned: of order 1/‖∂A/∂x_net‖. The noise s comes from the
-images' background (:func:`~cryoprior.physics.operators.estimate_noise_sigma`) unless
+images' background (:func:`~cryoprior.physics.measurement.estimate_noise_sigma`) unless
 given. The zero centre of mass of the prior fixes the segment's centre at the box centre:
 the particles must be centred on the segment (the known shifts do that).
 
@@ -87,12 +87,11 @@ from cryoprior.diffusion import DenoiserOutput, remove_mean
 from cryoprior.geometry.rotations import kabsch
 from cryoprior.physics.ctf import CTFParams, compute_ctf
 from cryoprior.physics.fourier_slice import check_rotations
+from cryoprior.physics.measurement import estimate_map_integral, estimate_noise_sigma
 from cryoprior.physics.noise import add_noise, noise_sigma_for_snr
 from cryoprior.physics.operators import (
     CalphaProjectionOperator,
     Operator,
-    estimate_map_integral,
-    estimate_noise_sigma,
 )
 from cryoprior.physics.projection import padded_size
 from cryoprior.priors import Prior, load_prior
@@ -312,7 +311,7 @@ class ProfiledAmplitudeOperator(Operator):
 def estimate_amplitude(measurement: CalphaMeasurement, n_residues: int) -> float:
     """Per-residue amplitude from the images' DC terms: ∫V d³r / N (map units × Å³).
 
-    :func:`~cryoprior.physics.operators.estimate_map_integral` with the images' CTF(0);
+    :func:`~cryoprior.physics.measurement.estimate_map_integral` with the images' CTF(0);
     N = ``n_residues`` (from the sequence). Raises InputError when the estimate is not
     positive (too few or too noisy images: use the profile amplitude).
     """

@@ -66,7 +66,7 @@ values. With the prior's normalisation x_phys = scale · x_net + offset
 physical units (the measurement is y = c · A(x_phys) + n), the network-space operator is
 x_net ↦ c · A(scale · x_net + offset). c must come from the measurement, never from a
 ground truth: :func:`estimate_intensity_scale` gets it from the images' DC terms (the
-integral of the imaged map, :func:`cryoprior.physics.operators.estimate_map_integral`)
+integral of the imaged map, :func:`cryoprior.physics.measurement.estimate_map_integral`)
 divided by the integral the prior's physical units give the molecule (e.g.
 :func:`potential_integral` of its composition for ``atoms_to_map`` potentials, or
 Σ amplitudes for Cα blobs).
@@ -98,11 +98,11 @@ from cryoprior.diffusion import (
     per_sample_time,
     remove_mean,
 )
+from cryoprior.physics.measurement import estimate_map_integral
 from cryoprior.physics.operators import (
     LinearOperator,
     Operator,
     ScaledLinearOperator,
-    estimate_map_integral,
 )
 from cryoprior.physics.scattering import form_factor_table
 from cryoprior.priors import Prior
@@ -498,7 +498,7 @@ def dps_sample(
             :class:`~cryoprior.physics.operators.LinearOperator` for ``"pigdm"``.
         y: the measurement, the operator's range shape (e.g. (K, D, D) images).
         noise_sigma: σ of the measurement noise in y's units (e.g. from
-            :func:`~cryoprior.physics.operators.estimate_noise_sigma`); required for
+            :func:`~cryoprior.physics.measurement.estimate_noise_sigma`); required for
             ``"pigdm"`` and ``"dps_x0"``, reported as σ√M for ``"dps"``.
         n_steps: reverse steps on ``schedule.timesteps(n_steps, spacing=spacing)``.
         zeta: the DPS step ζ (network units; the DPS code's ``scale``), ``"dps"`` only.

@@ -28,11 +28,8 @@ from cryoprior.core.tensors import complex_dtype
 from cryoprior.geometry.fft import fft3_c, ifft3_c
 from cryoprior.physics.ctf import compute_ctf
 from cryoprior.physics.fourier_slice import Kernel, check_kernel, gridding_correction
-from cryoprior.physics.operators import (
-    LinearOperator,
-    ProjectionCTFOperator,
-    background_mask,
-)
+from cryoprior.physics.measurement import background_mask
+from cryoprior.physics.operators import LinearOperator, ProjectionCTFOperator
 from cryoprior.physics.projection import padded_size
 from cryoprior.physics.source import ParticleSource
 from cryoprior.solvers.backprojection import complete_grids, insert_images

@@ -16,7 +16,7 @@ Pipeline (:func:`reconstruct_with_prior`):
    projection ∘ CTF operator); one evaluation costs two FFTs of the padded grid,
    whatever the number of images.
 3. **Scale.** The measurement's intensity unit is fixed from the measurement
-   (:func:`~cryoprior.physics.operators.estimate_map_integral`, the images' DC terms)
+   (:func:`~cryoprior.physics.measurement.estimate_map_integral`, the images' DC terms)
    and the molecule's mass (:mod:`cryoprior.physics.composition`), never from a ground
    truth; an explicit ``intensity_scale`` can be given instead.
 4. **Posterior sampling.** :func:`cryoprior.solvers.dps.dps_sample` with the Fourier
@@ -43,7 +43,7 @@ import torch
 
 from cryoprior.core.errors import InputError, require, require_positive
 from cryoprior.physics.composition import potential_integral_from_mass
-from cryoprior.physics.operators import estimate_map_integral
+from cryoprior.physics.measurement import estimate_map_integral
 from cryoprior.physics.source import ParticleSource
 from cryoprior.priors import Prior
 from cryoprior.solvers.dps import GUIDANCES, DPSResult, dps_sample
@@ -82,7 +82,7 @@ def intensity_scale(
     """c from the images' DC terms and the molecule's mass, or the ``value`` given.
 
     ∫V d³r of the imaged map comes from the images alone
-    (:func:`~cryoprior.physics.operators.estimate_map_integral` on the pixel sums of all
+    (:func:`~cryoprior.physics.measurement.estimate_map_integral` on the pixel sums of all
     accumulated images); the prior's units give a protein of ``mass_kda`` kDa the
     integral :func:`~cryoprior.physics.composition.potential_integral_from_mass`.
     """

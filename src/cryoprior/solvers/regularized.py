@@ -16,7 +16,7 @@ Choosing λ without the ground truth (``lam="discrepancy"``): Morozov's discrepa
 ‖y − A x_λ‖ = τ σ √M for M measurements (τ = 1 by default; τ slightly > 1 is the usual
 safeguard). The residual grows monotonically with λ, so λ is found by a bracketed
 root search on log λ (Illinois regula falsi), each trial a warm-started CG solve. σ comes
-from the caller, e.g. :func:`cryoprior.physics.operators.estimate_noise_sigma` (image
+from the caller, e.g. :func:`cryoprior.physics.measurement.estimate_noise_sigma` (image
 background). A fixed λ may be given instead.
 """
 
