@@ -411,8 +411,8 @@ def summarise(result: dict) -> str:
         "",
         "FSC 0.143 vs truth, Å, mean ± std over proteins (lower is finer):",
         "",
-        "| SNR | N | proteins | Wiener | reg. LS | denoiser only | prior mean | Wiener / prior "
-        "| prior s |",
+        "| SNR | N | proteins | Wiener | reg. LS | denoiser only | prior mean "
+        "| Wiener ÷ prior (means) | prior s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     cells = _cells(rows)
@@ -423,7 +423,7 @@ def summarise(result: dict) -> str:
 
     for snr, n, sel in cells:
         vals = {m: ms(sel, m, "fsc0143") for m in METHODS}
-        ratio = float(np.mean([r["wiener"]["fsc0143"] / r["prior"]["fsc0143"] for r in sel]))
+        ratio = vals["wiener"][0] / vals["prior"][0]  # of the means, as the goals use it
         lines.append(
             f"| {snr:g} | {n} | {len(sel)} | "
             + " | ".join(f"{vals[m][0]:.2f} ± {vals[m][1]:.2f}" for m in METHODS)
@@ -472,7 +472,7 @@ def summarise(result: dict) -> str:
                 + " ".join(f"{v:.2f}" for v in shells)
                 + " |"
             )
-    lines += ["", *goals(cells)]
+    lines += ["", *goals(cells, result.get("timing"))]
     large = result.get("large")
     if large:
         lines += [
@@ -489,8 +489,9 @@ def summarise(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def goals(cells: list) -> list[str]:
-    """The issue's goals, each MET / NOT MET on the cells present."""
+def goals(cells: list, timing: dict | None = None) -> list[str]:
+    """The issue's goals, each MET / NOT MET on the cells present; the time goal on the
+    dedicated ``timing`` run where there is one (the grid's cells share the machine)."""
     if not cells:
         return []
 
@@ -519,8 +520,24 @@ def goals(cells: list) -> list[str]:
         f"{verdict(bool(high) and len(high_ok) == len(high))}",
         f"- finer than the denoiser-only baseline in most cells: {len(pnp)}/{len(cells)} — "
         f"{verdict(2 * len(pnp) > len(cells))}",
-        f"- ≤ 3 min per reconstruction: max mean {max(secs):.0f} s — {verdict(max(secs) <= 180)}",
+        time_goal(secs, timing),
     ]
+
+
+def time_goal(secs: list[float], timing: dict | None) -> str:
+    """The ≤ 3 min goal: on the dedicated run if any, else on the grid's slowest cell."""
+    if timing is None:
+        return f"- ≤ 3 min per reconstruction: max mean {max(secs):.0f} s — " + (
+            "MET" if max(secs) <= 180 else "NOT MET"
+        )
+    return (
+        f"- ≤ 3 min per reconstruction: {timing['seconds']:.0f} s — "
+        + ("MET" if timing["seconds"] <= 180 else "NOT MET")
+        + f" (dedicated run, {timing['protein']} SNR {timing['snr']:g} N {timing['n']}, "
+        f"{timing['threads']} threads, nothing else on the machine, commit {timing['commit']}: "
+        f"`{timing['command']}`; the grid's cells, up to {max(secs):.0f} s, ran as two "
+        "1-thread jobs side by side with other work)"
+    )
 
 
 def plot(result: dict, path: Path) -> None:
@@ -564,8 +581,27 @@ def merge(args: argparse.Namespace) -> dict:
     def sort_key(r: dict) -> tuple:
         return (PROTEINS.index(r["protein"]), -r["snr"], r["n"])
 
-    save_result(merge_rows(result, others, key, sort_key), out, args.name)
-    return result
+    merged = merge_rows(result, others, key, sort_key)
+    if args.timing:
+        merged["timing"] = timing_entry(load_result(out / f"{args.timing}.json"), args.timing)
+    save_result(merged, out, args.name)
+    return merged
+
+
+def timing_entry(timed: dict, name: str) -> dict:
+    """The prior's seconds of a dedicated run (one cell, nothing else on the machine)."""
+    if len(timed["rows"]) != 1:
+        raise SystemExit(f"{name}: a timing run holds one cell, not {len(timed['rows'])}")
+    row = timed["rows"][0]
+    return {
+        "protein": row["protein"],
+        "snr": row["snr"],
+        "n": row["n"],
+        "seconds": row["prior"]["seconds"],
+        "threads": timed["threads"],
+        "commit": row["pnp"].get("commit", ""),
+        "command": timed.get("command", ""),
+    }
 
 
 def main() -> None:
@@ -599,6 +635,7 @@ def main() -> None:
         "CG was preconditioned (rows without a pnp commit)",
     )
     ap.add_argument("--merge", nargs="+", help="merge these results into --name and stop")
+    ap.add_argument("--timing", help="with --merge: a dedicated one-cell run for the time goal")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     if args.quick:
