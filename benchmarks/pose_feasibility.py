@@ -124,6 +124,7 @@ def summarise(result: dict) -> str:
         f"global search, {result['step_deg']}° SO(3) grid, shifts ≤ 6 Å, normalised "
         "correlation, against the ground truth (an upper bound on what any reference "
         "built from the particles can do) or its 30 Å low-pass (refinement's start). "
+        "s: wall-clock seconds of one search on one thread (as run, beside other jobs). "
         f"Commit {result['commit']}; command: `{result['command']}`.",
         "",
         "| protein | residues | SNR | reference | within 15° | median error (°) | s |",
