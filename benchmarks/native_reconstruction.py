@@ -155,9 +155,8 @@ def redo_pnp(prior, full, n, truth, px, scale, sphere, args) -> dict:
     return pnp_entry(prior, data, plan, scale, truth, px, sphere, args, time.perf_counter() - t)
 
 
-def run_cell(prior, full, n, truth, truth_b, px, scale, masks, args) -> dict:
+def run_cell(prior, full, n, truth, truth_b, px, scale, mass, masks, args) -> dict:
     """Every method on the first ``n`` particles of ``full``."""
-    from cryoprior.metrics import spread_calibration
     from cryoprior.physics.source import ParticleSource
     from cryoprior.solvers.backprojection import reconstruct_source
     from cryoprior.solvers.map_baselines import smoothness_regularized
@@ -165,10 +164,9 @@ def run_cell(prior, full, n, truth, truth_b, px, scale, masks, args) -> dict:
         accumulate_particles,
         calibrate_fourier_likelihood,
         prior_grid_plan,
-        reconstruct_with_prior,
     )
 
-    sphere, molecule = masks
+    sphere = masks[0]
     source = ParticleSource(full.particles.subset(np.arange(n)))
     row: dict = {}
     t = time.perf_counter()
@@ -187,29 +185,66 @@ def run_cell(prior, full, n, truth, truth_b, px, scale, masks, args) -> dict:
         "converged": reg.converged,
     }
     row["pnp"] = pnp_entry(prior, data, plan, scale, truth, px, sphere, args, t_stats)
+    row["prior"] = prior_entry(prior, source, data, scale, mass, truth, truth_b, px, masks, args)
+    row["prior"]["seconds"] += t_stats
+    return row
+
+
+def prior_entry(prior, source, data, scale, mass, truth, truth_b, px, masks, args) -> dict:
+    """The posterior mean's scores, its sampling seconds and its spread calibration."""
+    from cryoprior.metrics import spread_calibration
+    from cryoprior.solvers.prior_reconstruction import reconstruct_with_prior
+
+    sphere, molecule = masks
     post = reconstruct_with_prior(
         source,
         prior,
+        mass_kda=mass,
         intensity=scale,
         n_steps=args.steps,
         n_samples=args.samples,
         n_inner=args.n_inner,
         guidance=args.guidance,
+        spectrum=args.spectrum,
         data=data,
         seed=0,
     )
     mean, _, samples = post.on_particle_grid()
-    row["prior"] = score(mean, truth, px, sphere) | {"seconds": t_stats + post.seconds["sampling"]}
+    entry = score(mean, truth, px, sphere) | {
+        "seconds": post.seconds["sampling"],
+        "spectrum": post.info["spectrum"],
+        "commit": git_commit(),
+    }
     if samples.shape[0] >= 2:
         cal = spread_calibration(truth_b, samples, sphere, px)
         cal_m = spread_calibration(truth_b, samples, molecule, px)
-        row["prior"]["calibration"] = {
+        entry["calibration"] = {
             "voxels_sphere": cal["voxels"],
             "voxels_molecule": cal_m["voxels"],
             "expected": cal["expected"],
             "shells": [round(v, 3) for v in cal["shells"]["coverage"]],
         }
-    return row
+    return entry
+
+
+def redo_prior(prior, full, n, truth, truth_b, px, scale, mass, masks, args) -> dict:
+    """Only the prior's entry of a cell (``--redo-prior``), on the same particles."""
+    from cryoprior.physics.source import ParticleSource
+    from cryoprior.solvers.prior_reconstruction import (
+        accumulate_particles,
+        calibrate_fourier_likelihood,
+        prior_grid_plan,
+    )
+
+    source = ParticleSource(full.particles.subset(np.arange(n)))
+    t = time.perf_counter()
+    plan = prior_grid_plan(prior, source.box, source.pixel_size)
+    data = accumulate_particles(source, plan.target_box, plan.target_pixel_size, plan=plan)
+    calibrate_fourier_likelihood(data)
+    t_stats = time.perf_counter() - t
+    entry = prior_entry(prior, source, data, scale, mass, truth, truth_b, px, masks, args)
+    entry["seconds"] += t_stats
+    return entry
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -243,6 +278,13 @@ def run(args: argparse.Namespace) -> dict:
         }
         done = set(done) - set(stale)
         result["pnp_redo_command"] = " ".join(sys.argv)
+    base: dict = {}
+    if args.redo_prior:  # the prior's entries again, every other method from FROM's rows
+        base = {
+            (r["protein"], r["snr"], r["n"]): r
+            for r in load_result(out / f"{args.redo_prior}.json")["rows"]
+        }
+        result["redo_prior_from"] = args.redo_prior
     result.update(
         benchmark="native_reconstruction",
         prior=str(args.prior),
@@ -273,6 +315,8 @@ def run(args: argparse.Namespace) -> dict:
             mass = protein_mass_kda(rec.sequence)
             for snr in args.snr:
                 todo = [n for n in args.n if (name, snr, n) not in done]
+                if args.redo_prior:
+                    todo = [n for n in todo if (name, snr, n) in base]
                 if not todo:
                     continue
                 seed = 1000 * PROTEINS.index(name) + SNRS.index(snr) if snr in SNRS else 7
@@ -294,6 +338,22 @@ def run(args: argparse.Namespace) -> dict:
                             flush=True,
                         )
                         continue
+                    if args.redo_prior:
+                        row = dict(base[(name, snr, n)])
+                        row["prior_white"] = row["prior"]
+                        row["prior"] = redo_prior(
+                            prior, full, n, truth, truth_b, px, scale, mass, masks, args
+                        )
+                        result["rows"].append(row)
+                        save_result(result, out, args.name)
+                        print(
+                            f"{name} SNR {snr:g} N {n}: Wiener {row['wiener']['fsc0143']:.2f} Å, "
+                            f"prior {row['prior']['fsc0143']:.2f} Å (white r²: "
+                            f"{row['prior_white']['fsc0143']:.2f} Å), "
+                            f"{row['prior']['seconds']:.0f} s",
+                            flush=True,
+                        )
+                        continue
                     row = {
                         "protein": name,
                         "n_residues": rec.n_residues,
@@ -302,7 +362,7 @@ def run(args: argparse.Namespace) -> dict:
                         "snr_measured": measured,
                         "intensity_scale": scale,
                     }
-                    row |= run_cell(prior, full, n, truth, truth_b, px, scale, masks, args)
+                    row |= run_cell(prior, full, n, truth, truth_b, px, scale, mass, masks, args)
                     result["rows"].append(row)
                     save_result(result, out, args.name)
                     print(
@@ -347,11 +407,14 @@ def run_large(prior, rec, args, work: Path) -> dict:
     plan = prior_grid_plan(prior, full.box, full.pixel_size)
     data = accumulate_particles(full, plan.target_box, plan.target_pixel_size, plan=plan)
     calibrate_fourier_likelihood(data)
-    scale = intensity_scale(data, mass_kda=protein_mass_kda(rec.sequence)).value
+    mass = protein_mass_kda(rec.sequence)
+    scale = intensity_scale(data, mass_kda=mass).value
     post = reconstruct_with_prior(
         full,
         prior,
+        mass_kda=mass,
         intensity=scale,
+        spectrum=args.spectrum,
         n_steps=args.steps,
         n_samples=args.large_samples,
         n_inner=args.n_inner,
@@ -373,7 +436,11 @@ def run_large(prior, rec, args, work: Path) -> dict:
         "steps": args.steps,
         "wiener": score(wiener, truth, px, mask) | {"seconds": t_w},
         "prior": score(mean, truth, px, mask)
-        | {"seconds": seconds, "sampling_seconds": post.seconds["sampling"]},
+        | {
+            "seconds": seconds,
+            "sampling_seconds": post.seconds["sampling"],
+            "spectrum": post.info["spectrum"],
+        },
         "peak_rss_mb_before": rss0,
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -429,6 +496,19 @@ def summarise(result: dict) -> str:
             + " | ".join(f"{vals[m][0]:.2f} ± {vals[m][1]:.2f}" for m in METHODS)
             + f" | {ratio:.2f} | {ms(sel, 'prior', 'seconds')[0]:.0f} |"
         )
+    if all("prior_white" in r for r in rows):
+        lines += [
+            "",
+            "The prior's entries above use the protein spectrum for r_t² (the default); "
+            f"the same cells with the white r_t² of `{result.get('redo_prior_from')}` "
+            "(every other method copied from there: the same particles, seeds and grid):",
+            "",
+            "| SNR | N | prior mean, white r_t² | prior mean, protein spectrum |",
+            "|---|---|---|---|",
+        ]
+        for snr, n, sel in cells:
+            w, p = ms(sel, "prior_white", "fsc0143"), ms(sel, "prior", "fsc0143")
+            lines.append(f"| {snr:g} | {n} | {w[0]:.2f} ± {w[1]:.2f} | {p[0]:.2f} ± {p[1]:.2f} |")
     lines += [
         "",
         "FSC 0.5 vs truth (Å) and masked CC, means:",
@@ -633,6 +713,17 @@ def main() -> None:
         action="store_true",
         help="recompute only the denoiser-only entries of finished cells made before its "
         "CG was preconditioned (rows without a pnp commit)",
+    )
+    ap.add_argument(
+        "--spectrum",
+        default=None,
+        help="prior variance of the guidance: protein (the default) or white",
+    )
+    ap.add_argument(
+        "--redo-prior",
+        metavar="FROM",
+        help="recompute only the prior's entries of FROM's cells (the old ones kept as "
+        "prior_white), the other methods copied: the same particles, seeds and grid",
     )
     ap.add_argument("--merge", nargs="+", help="merge these results into --name and stop")
     ap.add_argument("--timing", help="with --merge: a dedicated one-cell run for the time goal")

@@ -431,7 +431,7 @@ def main() -> None:
     ap.add_argument("--box", type=int, default=64)
     ap.add_argument("--pixel-size", type=float, default=1.5)
     ap.add_argument("--envelope", type=float, default=60.0)
-    ap.add_argument("--iterations", type=int, default=8)
+    ap.add_argument("--iterations", type=int, default=12)
     ap.add_argument("--soft-k", type=int, default=8, help="poses per particle of soft runs")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="refine")

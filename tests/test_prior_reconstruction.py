@@ -22,7 +22,7 @@ from cryoprior.physics.composition import (
 from cryoprior.physics.operators import ProjectionCTFOperator
 from cryoprior.physics.simulator import SimulationConfig, simulate_particles
 from cryoprior.physics.source import ParticleSource
-from cryoprior.solvers.dps import potential_integral
+from cryoprior.solvers.dps import dps_sample, potential_integral
 from cryoprior.solvers.prior_reconstruction import (
     FourierLikelihoodOperator,
     accumulate_particles,
@@ -30,6 +30,7 @@ from cryoprior.solvers.prior_reconstruction import (
     fourier_smooth,
     grid_plan,
     intensity_scale,
+    prior_grid_plan,
     smoothness_regularized,
 )
 from cryoprior.solvers.regularized import conjugate_gradient
@@ -255,3 +256,95 @@ def test_fourier_likelihood_fused_normal_equals_adjoint_of_forward(tiny_particle
     torch.testing.assert_close(op.normal(x), reference, rtol=1e-9, atol=1e-9)
     scaled = ScaledLinearOperator(op, 0.5)
     torch.testing.assert_close(scaled.normal(x), 0.25 * reference, rtol=1e-9, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- spectrum
+
+
+def test_white_prior_spectrum_reproduces_the_scalar_prior(tiny_particles):
+    """r_t² from a flat spectrum P = data_std² is the scalar r_t²: same samples."""
+    from cryoprior.priors import load_prior
+    from cryoprior.solvers.prior_reconstruction import reconstruct_with_prior
+
+    rec, _, sim = tiny_particles
+    prior = load_prior(PRIOR)
+    source = ParticleSource.from_star(sim.paths["star"])
+    kw = dict(n_steps=3, n_samples=1, seed=1)
+    plan = prior_grid_plan(prior, source.box, source.pixel_size)
+    data = accumulate_particles(source, plan.target_box, plan.target_pixel_size, plan=plan)
+    calibrate_fourier_likelihood(data)
+    scale = intensity_scale(data, protein_mass_kda(rec.sequence))
+    op = FourierLikelihoodOperator(data)
+    y = op.measurement(torch.float32)
+
+    def sample(power):
+        return dps_sample(
+            prior,
+            op,
+            y,
+            noise_sigma=data.noise_sigma,
+            n_steps=3,
+            guidance="pigdm_dc",
+            sampler="ddim",
+            eta=0.5,
+            generator=torch.Generator().manual_seed(1),
+            intensity_scale=scale.value,
+            n_inner=5,
+            prior_power=power,
+            shape=(1, 32, 32, 32),
+        ).mean
+
+    a, flat = sample(None), torch.ones(32, 32, 17)
+    err = float((a - sample(flat)).norm() / a.norm())
+    assert err < 1e-3
+    assert float((a - sample(100.0 * flat)).norm() / a.norm()) > 10 * err
+    # the reconstruction's default with a mass: the protein spectrum, recorded
+    rec_ = reconstruct_with_prior(source, prior, mass_kda=protein_mass_kda(rec.sequence), **kw)
+    assert rec_.info["spectrum"] == "protein"
+    assert (
+        reconstruct_with_prior(source, prior, intensity=scale.value, **kw).info["spectrum"]
+        == "white"
+    )
+
+
+def test_protein_power_spectrum_matches_a_rendered_protein():
+    """The mass-only model of a protein map's power spectrum is within a factor of 4 of
+    BPTI's rendered potential at every shell (it spans ~4 orders of magnitude)."""
+    from cryoprior.solvers.prior_spectrum import protein_power
+
+    rec, xyz, el = _protein()
+    box, px, b = 48, 1.5, 36.0
+    vol = atoms_to_map(xyz, el, box, px, bfactors=np.full(len(el), b)).double()
+    power = torch.fft.rfftn(vol).abs() ** 2 / vol.numel()
+    model = protein_power(box, px, protein_mass_kda(rec.sequence), b)
+    k = torch.fft.fftfreq(box) * box
+    kz = torch.fft.rfftfreq(box) * box
+    shell = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kz[None, None, :] ** 2)
+    shell = torch.round(shell).long()
+    ratios = []
+    for i in range(0, box // 2):
+        sel = shell == i
+        ratios.append(float(power[sel].mean() / model[sel].mean()))
+    ratios = np.array(ratios)
+    assert float(power.mean() / model.mean()) == pytest.approx(1.0, rel=0.5)
+    assert ratios.min() > 0.25 and ratios.max() < 4.0, ratios
+
+
+def test_prior_spectrum_on_the_wrong_grid_is_refused(tiny_particles):
+    from cryoprior.priors import load_prior
+
+    _, _, sim = tiny_particles
+    source = ParticleSource.from_star(sim.paths["star"])
+    data = accumulate_particles(source, 32, 3.0)
+    op = FourierLikelihoodOperator(data)
+    with pytest.raises(InputError, match="rfft grid"):
+        dps_sample(
+            load_prior(PRIOR),
+            op,
+            op.measurement(torch.float32),
+            noise_sigma=data.noise_sigma,
+            guidance="pigdm_dc",
+            n_steps=2,
+            prior_power=torch.ones(32, 32, 32),
+            shape=(1, 32, 32, 32),
+        )

@@ -220,3 +220,35 @@ def test_prior_denoised_references_keep_the_half_maps_scale_and_agreement():
         assert float(clean.sum()) == pytest.approx(float(noisy.sum()), rel=0.1)
         assert float(clean.std()) > 0.5 * float(noisy.std())
         assert cc(clean) >= cc(noisy) - 0.02
+
+
+def test_global_searches_continue_while_the_poses_still_move():
+    """Global searches: always the first ``global_iterations``; then again while the last
+    one moved the poses by more than ``global_until``° (at most ``max_global_iterations``)."""
+    from cryoprior.solvers.refine import IterationRecord, RefineConfig, _search_kind
+
+    config = RefineConfig(global_iterations=2, max_global_iterations=4, global_until=10.0)
+
+    def rec(i: int, search: str, change: float | None) -> IterationRecord:
+        return IterationRecord(
+            iteration=i,
+            search=search,
+            band=10.0,
+            step=7.5,
+            fsc0143=6.0,
+            fsc05=8.0,
+            pose_change_deg=change,
+            shift_change=None,
+            seconds=1.0,
+            prior=False,
+        )
+
+    assert _search_kind([], config) == "global"
+    assert _search_kind([rec(0, "global", None)], config) == "global"
+    moving = [rec(0, "global", None), rec(1, "global", 60.0)]
+    assert _search_kind(moving, config) == "global"
+    settled = [rec(0, "global", None), rec(1, "global", 4.0)]
+    assert _search_kind(settled, config) == "local"
+    capped = moving + [rec(2, "global", 40.0), rec(3, "global", 30.0)]
+    assert _search_kind(capped, config) == "local"
+    assert _search_kind(settled + [rec(2, "local", 50.0)], config) == "local"

@@ -211,6 +211,7 @@ def _prior_comparison(
     post = reconstruct_with_prior(
         subset,
         prior,
+        mass_kda=mass,
         intensity=scale.value,
         n_steps=args.prior_steps,
         n_samples=args.prior_samples,

@@ -122,6 +122,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help=f"DPS rule (default {VOLUME_GUIDANCE}; a Cα prior takes dps_x0 (default) or dps)",
     )
     g.add_argument("--eta", type=float, default=0.5, help="DDIM eta (default 0.5)")
+    g.add_argument(
+        "--prior-spectrum",
+        choices=("protein", "white"),
+        help="prior variance of a density-map prior's guidance: the expected spectrum of a "
+        "protein of the given mass (default when the mass is known) or one white variance",
+    )
     g.add_argument("--write-samples", action="store_true", help="write every sample's map")
     add_calpha_args(g)
     p.add_argument("-o", "--out", default="reconstruction", help="output folder")
@@ -252,6 +258,7 @@ def _main_prior(args: argparse.Namespace, source: ParticleSource) -> int:
         n_steps=args.steps,
         n_samples=args.samples,
         eta=args.eta,
+        spectrum=args.prior_spectrum,
         pad=args.pad,
         seed=args.seed,
         show_progress=not args.quiet,

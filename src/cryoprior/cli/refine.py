@@ -51,7 +51,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--initial-lowpass", type=float, default=30.0, help="Å, low-pass of the start (30)"
     )
-    p.add_argument("--iterations", type=int, default=8, help="most iterations (default 8)")
+    p.add_argument("--iterations", type=int, default=12, help="most iterations (default 12)")
     p.add_argument("--global-step", type=float, default=7.5, help="SO(3) grid step, degrees (7.5)")
     p.add_argument("--max-shift", type=float, default=None, help="Å (default 4 px)")
     p.add_argument(

@@ -212,6 +212,13 @@ def _posterior_var(alpha: float, sigma: float, data_std: float) -> float:
     return s2 * st2 / (s2 + st2)
 
 
+def _spectral_filter(v: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    """F⁻¹ diag(response) F v over the last three axes (``response`` on the rfft grid)."""
+    dims = (-3, -2, -1)
+    spec = torch.fft.rfftn(v, dim=dims) * response.to(device=v.device, dtype=v.dtype)
+    return torch.fft.irfftn(spec, s=v.shape[-3:], dim=dims)
+
+
 # ---------------------------------------------------------------------------------------
 # sampler
 
@@ -234,8 +241,10 @@ class _Sampler:
         mask: torch.Tensor | None,
         generator: torch.Generator | None,
         pigdm_clip: float = 2.0,
+        prior_power: torch.Tensor | None = None,
     ) -> None:
         self.pigdm_clip = pigdm_clip
+        self.prior_power = prior_power
         self.denoiser, self.schedule = denoiser, denoiser.schedule
         self.a_net, self.y, self.noise_sigma = a_net, y, noise_sigma
         self.zeta, self.guidance, self.step_name, self.eta = zeta, guidance, step, eta
@@ -267,6 +276,20 @@ class _Sampler:
         x0_y = self.project(x0_y)
         eps = (x - alpha * x0_y) / sigma
         return DenoiserOutput(x0=x0_y, eps=eps, score=-eps / sigma)
+
+    def posterior_var(self, t: float) -> float | torch.Tensor:
+        """r_t²: Var[x0 | x_t] of the Gaussian approximation of the prior — a scalar for a
+        white prior (``data_std``), a spectrum on the rfft grid for ``prior_power``."""
+        alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(t))
+        if self.prior_power is None:
+            return _posterior_var(alpha, sigma, self.data_std)
+        st2 = (sigma / alpha) ** 2
+        return self.prior_power * st2 / (self.prior_power + st2)
+
+    @staticmethod
+    def inverse_var(v: torch.Tensor, r2: float | torch.Tensor) -> torch.Tensor:
+        """R⁻¹ v for the prior covariance R = r_t² (scalar or Fourier-diagonal)."""
+        return v / r2 if isinstance(r2, float) else _spectral_filter(v, 1.0 / r2)
 
     # -- guidance rules --------------------------------------------------------------
     def guide_dps(
@@ -307,13 +330,20 @@ class _Sampler:
 
         With an operator that offers a preconditioner the solve runs in the domain, by the
         push-through identity Aᵀ(σ²I + r_t² AAᵀ)⁻¹ = (σ²I + r_t² AᵀA)⁻¹Aᵀ, with
-        preconditioned CG (well-conditioned however informative the data)."""
+        preconditioned CG (well-conditioned however informative the data). With a prior
+        spectrum (``prior_power``) r_t² is Fourier-diagonal, R, and the domain solve is
+        R Aᵀ(σ²I + A R Aᵀ)⁻¹ = (σ² R⁻¹ + AᵀA)⁻¹Aᵀ: the Gaussian correction itself."""
         lin = self.a_net.linear
         assert lin is not None and self.noise_sigma is not None
         alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(t))
-        r2 = _posterior_var(alpha, sigma, self.data_std)
+        r2 = self.posterior_var(t)
         s2 = self.noise_sigma**2
-        precond = self._preconditioner(s2, r2)
+        spectral = not isinstance(r2, float)
+        precond = self._preconditioner(s2 / r2, 1.0) if spectral else self._preconditioner(s2, r2)
+        require(
+            precond is not None or not spectral,
+            "a prior spectrum needs an operator with a Fourier preconditioner",
+        )
         x_in = x.detach().requires_grad_(True)
         with torch.enable_grad():
             out = self.denoise(x_in, t)
@@ -322,6 +352,8 @@ class _Sampler:
             if precond is not None:
 
                 def normal(v: torch.Tensor) -> torch.Tensor:
+                    if spectral:
+                        return s2 * self.inverse_var(v, r2) + lin.normal(v)
                     return s2 * v + r2 * lin.normal(v)
 
                 with torch.no_grad():
@@ -334,6 +366,9 @@ class _Sampler:
                     batch_ndim=1,
                     preconditioner=precond,
                 ).x
+                gauss = w if spectral else r2 * w
+                if spectral:
+                    w = self.inverse_var(w, r2)
                 (g,) = torch.autograd.grad(out.x0, x_in, grad_outputs=w)
             else:
 
@@ -357,8 +392,9 @@ class _Sampler:
         # per sample; the direction (the network's) is kept.
         corr = (sigma**2 / alpha) * g
         with torch.no_grad():
-            v_dom = w if precond is not None else lin.adjoint(v)
-            cap = self.pigdm_clip * r2 * _norms(v_dom)
+            if precond is None:
+                gauss = r2 * lin.adjoint(v)
+            cap = self.pigdm_clip * _norms(gauss)
             shrink = torch.clamp(cap / _norms(corr).clamp_min(1e-30), max=1.0)
         x0_y = out.x0.detach() + expand_like(shrink, corr) * corr
         if self.guidance == "pigdm_dc":
@@ -377,18 +413,18 @@ class _Sampler:
         return self.conditional(x, x0_y, t), res
 
     def prox(self, x0: torch.Tensor, t: float) -> torch.Tensor:
-        """argmin_x ‖y − A(x)‖²/(2σ²) + ‖x − x0‖²/(2 r_t²) (CG or L-BFGS, ``n_inner``)."""
+        """argmin_x ‖y − A(x)‖²/(2σ²) + ‖x − x0‖²/(2 r_t²) (CG or L-BFGS, ``n_inner``);
+        with a prior spectrum the second term is (x − x0)ᵀR⁻¹(x − x0)/2."""
         assert self.noise_sigma is not None
-        alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(t))
-        r2 = _posterior_var(alpha, sigma, self.data_std)
+        r2 = self.posterior_var(t)
         s2 = self.noise_sigma**2
         lin = self.a_net.linear
         if lin is not None:
             with torch.no_grad():
-                rhs = lin.adjoint(self.y - self.a_net.constant) / s2 + x0 / r2
+                rhs = lin.adjoint(self.y - self.a_net.constant) / s2 + self.inverse_var(x0, r2)
 
                 def normal(z: torch.Tensor) -> torch.Tensor:
-                    return lin.normal(z) / s2 + z / r2
+                    return lin.normal(z) / s2 + self.inverse_var(z, r2)
 
                 x0_y = conjugate_gradient(
                     normal,
@@ -400,7 +436,8 @@ class _Sampler:
                     preconditioner=self._preconditioner(1.0 / r2, 1.0 / s2),
                 ).x
         else:
-            x0_y = self._prox_lbfgs(x0, r2, s2)
+            require(isinstance(r2, float), "a prior spectrum needs a linear operator")
+            x0_y = self._prox_lbfgs(x0, float(r2), s2)
         return x0_y
 
     def _prox_lbfgs(self, x0: torch.Tensor, r2: float, s2: float) -> torch.Tensor:
@@ -486,6 +523,7 @@ def dps_sample(
     n_inner: int = 20,
     spacing: str = "uniform",
     pigdm_clip: float = 2.0,
+    prior_power: torch.Tensor | None = None,
     show_progress: bool = False,
     callback: Callback | None = None,
 ) -> DPSResult:
@@ -518,6 +556,12 @@ def dps_sample(
         n_inner: CG (linear) or L-BFGS (non-linear) iterations of "pigdm" / "dps_x0".
         pigdm_clip: "pigdm" caps the norm of its x̂0 correction (σ_t²/α_t)Jᵀv at this
             multiple of the Gaussian-prior correction r_t²v (see ``guide_pigdm``).
+        prior_power: optional prior variance per Fourier coefficient (network units, on
+            the rfft grid of one sample's last three axes, unitary: white noise of std s
+            has s² everywhere) replacing ``data_std``² in r_t² of "pigdm", "pigdm_dc"
+            and "dps_x0" (:func:`cryoprior.solvers.prior_spectrum.protein_power`): a
+            map's power falls by orders of magnitude from low to high frequency, and a
+            white r_t² underweights the data where they are most informative.
         show_progress, callback: progress bar; ``callback(step, x, out)`` after each step
             (network units; a returned tensor replaces x).
     """
@@ -529,6 +573,13 @@ def dps_sample(
     require(int(n_inner) >= 1, f"n_inner must be >= 1, got {n_inner}")
     require_positive(data_std, "data_std")
     require_positive(pigdm_clip, "pigdm_clip")
+    if prior_power is not None:
+        want = (*tuple(shape or ())[-3:-1], tuple(shape or (0,))[-1] // 2 + 1)
+        require(
+            shape is None or tuple(prior_power.shape) == want,
+            f"prior_power must be on the rfft grid {want}, got {tuple(prior_power.shape)}",
+        )
+        require(bool((prior_power > 0).all()), "prior_power must be positive everywhere")
     gain = require_positive(intensity_scale, "intensity scale")
     if noise_sigma is not None:
         noise_sigma = require_positive(noise_sigma, "noise sigma")
@@ -593,6 +644,7 @@ def dps_sample(
             m,
             generator,
             float(pigdm_clip),
+            None if prior_power is None else prior_power.to(device=y.device, dtype=y.dtype),
         )
         if x_T is not None:
             x = x_T[start : start + b].to(device=y.device, dtype=y.dtype)
@@ -626,6 +678,7 @@ def dps_sample(
         "data_std": float(data_std),
         "n_inner": int(n_inner),
         "pigdm_clip": float(pigdm_clip),
+        "prior_power": prior_power is not None,
         "spacing": spacing,
         "schedule": schedule.config(),
     }

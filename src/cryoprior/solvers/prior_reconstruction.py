@@ -26,7 +26,11 @@ Pipeline (:func:`reconstruct_with_prior`):
    :mod:`cryoprior.solvers.dps`), ``"dps_x0"`` (a proximal data step on x̂0 by CG, no
    back-propagation; cheaper, but it lets the prior override the data at 10–100 images)
    or ``"dps"`` (Chung et al. 2023), DDIM or DDPM steps. Several samples give the
-   posterior mean and the per-voxel standard deviation.
+   posterior mean and the per-voxel standard deviation. The Gaussian approximation of
+   x0 | x_t uses the expected power spectrum of a protein of the given mass
+   (``spectrum="protein"``, :mod:`cryoprior.solvers.prior_spectrum`; default), not one
+   variance for every frequency (``"white"``), which trusts the prior over the data at
+   the low frequencies and loses to Wiener with few or very noisy particles.
 
 Returned maps are in the measurement's units per voxel at the prior's pixel size, the
 same units as the Wiener map of the same (resampled) particles.
@@ -34,6 +38,7 @@ same units as the Wiener map of the same (resampled) particles.
 
 from __future__ import annotations
 
+import ast
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +61,7 @@ from cryoprior.solvers.fourier_data import (
 )
 from cryoprior.solvers.grid_plan import GridPlan, grid_plan, native_plan
 from cryoprior.solvers.map_baselines import smoothness_regularized
+from cryoprior.solvers.prior_spectrum import protein_power
 
 # ---------------------------------------------------------------------------------------
 # the intensity scale
@@ -169,6 +175,25 @@ def prior_grid_plan(prior: Prior, box: int, pixel_size: float) -> GridPlan:
 DEFAULT_GUIDANCE = "pigdm_dc"
 #: CG iterations of each guidance solve (the preconditioned solve converges in fewer)
 DEFAULT_N_INNER = 5
+#: the prior variance of the Gaussian approximation: "protein" (the expected spectrum
+#: of a protein of the given mass) or "white" (one variance, data_std², every frequency)
+SPECTRA = ("protein", "white")
+
+
+def prior_bfactor(prior: Prior) -> float:
+    """The B-factor (Å²) of the maps a volume prior was trained on: the data set's
+    recorded number, or its "auto" convention 16 · pixel_size² Å²."""
+    data = prior.metadata.data
+    summary = data.get("summary", data)
+    if isinstance(summary, str):
+        try:
+            summary = ast.literal_eval(summary)
+        except (ValueError, SyntaxError):
+            summary = {}
+    b = summary.get("bfactor", "auto") if isinstance(summary, dict) else "auto"
+    if isinstance(b, int | float):
+        return float(b)
+    return 16.0 * float(prior.metadata.pixel_size) ** 2
 
 
 def reconstruct_with_prior(
@@ -188,6 +213,7 @@ def reconstruct_with_prior(
     pad: float = 2.0,
     seed: int = 0,
     data: FourierData | None = None,
+    spectrum: str | None = None,
     show_progress: bool = False,
 ) -> PriorReconstruction:
     """Posterior samples of the map given particles at known poses and a volume prior.
@@ -202,9 +228,19 @@ def reconstruct_with_prior(
     ``guidance``/``sampler``/``n_steps``/``eta``/``zeta``/``n_inner`` are those of
     :func:`~cryoprior.solvers.dps.dps_sample`. ``data`` reuses statistics from
     :func:`accumulate_particles` (e.g. the same particles with several priors).
+    ``spectrum``: the prior variance of the guidance's Gaussian approximation
+    (:data:`SPECTRA`; "protein" needs ``mass_kda``; default "protein" when the mass is
+    given, else "white").
     """
     check_volume_prior(prior)
     require(guidance in GUIDANCES, f"guidance must be one of {GUIDANCES}, got {guidance!r}")
+    if spectrum is None:
+        spectrum = "white" if mass_kda is None else "protein"
+    require(spectrum in SPECTRA, f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
+    require(
+        spectrum == "white" or mass_kda is not None,
+        'the "protein" prior spectrum needs the molecule\'s mass (--mass-kda or --sequence)',
+    )
     t0 = time.perf_counter()
     if data is None:
         plan = prior_grid_plan(prior, source.box, source.pixel_size)
@@ -220,6 +256,13 @@ def reconstruct_with_prior(
     if data.kappa == 1.0:
         calibrate_fourier_likelihood(data, seed=seed)
     scale = intensity_scale(data, mass_kda, intensity)
+    power = None
+    if spectrum == "protein":
+        assert mass_kda is not None
+        norm = prior.metadata.normalisation
+        power = protein_power(
+            data.size, data.pixel_size, mass_kda, prior_bfactor(prior), float(norm["scale"])
+        ).float()
     t1 = time.perf_counter()
     op = FourierLikelihoodOperator(data)
     y = op.measurement(torch.float32)
@@ -238,6 +281,7 @@ def reconstruct_with_prior(
         generator=gen,
         intensity_scale=scale.value,
         n_inner=n_inner,
+        prior_power=power,
         shape=(1,) + (data.size,) * 3,
         show_progress=show_progress,
     )
@@ -257,6 +301,7 @@ def reconstruct_with_prior(
             "noise_sigma": data.noise_sigma,
             "kappa": data.kappa,
             "kappa_spread": data.info.get("kappa_spread"),
+            "spectrum": spectrum,
         },
         plan=data.plan,
     )
