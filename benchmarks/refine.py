@@ -243,8 +243,29 @@ def run_one(kind, blind, truth_particles, truth, rec, px, sphere, work, prior, a
     )
 
 
+#: refine's schedule before this commit: exactly two global searches, at >= 10 Å
+SCHEDULE_COMMIT = "7d6e22d"
+
+
+def _before(commit: str | None, ref: str = SCHEDULE_COMMIT) -> bool:
+    """Whether ``commit`` precedes ``ref`` in this repository's history (False if unknown)."""
+    if not commit or commit == ref:
+        return False
+    try:
+        run = subprocess.run(
+            ["git", "merge-base", "--is-ancestor", ref, commit],
+            cwd=HERE,
+            capture_output=True,
+            check=False,
+        )
+    except OSError:
+        return False
+    return run.returncode == 1
+
+
 def summarise(result: dict) -> str:
     rows = result["rows"]
+    old = {id(r) for r in rows if r["run"] != "wiener" and _before(r.get("commit"))}
     lines = [
         "# Refinement without given poses (issue 18)",
         "",
@@ -276,7 +297,8 @@ def summarise(result: dict) -> str:
         halves = f"{m['halves_fsc0143']:.2f}" if m["halves_fsc0143"] == m["halves_fsc0143"] else "—"
         lines.append(
             f"| {r['protein']} | {r['snr']:g} | {r.get('n', result['n'])} | {label}"
-            f"{'' if 'commit' in r or r['run'] == 'wiener' else ' †'} | {m['fsc0143']:.2f} | "
+            f"{'' if 'commit' in r or r['run'] == 'wiener' else ' †'}"
+            f"{' ‡' if id(r) in old else ''} | {m['fsc0143']:.2f} | "
             f"{halves} | {rot} | {within} | {shift} | {m.get('hand', '—')} | "
             f"{m['seconds']:.0f} |"
         )
@@ -287,6 +309,13 @@ def summarise(result: dict) -> str:
             "",
             "† run before commit 02bde14 (no solvent mask, DC in the pose score, band from "
             "the unmasked FSC)",
+        ]
+    if old:
+        lines += [
+            "",
+            f"‡ run before commit {SCHEDULE_COMMIT}: exactly two global searches (the second "
+            "at 10 Å); since then global searches continue while the last one moved the poses "
+            "by more than 10° on average (up to six, at 7 Å)",
         ]
     lines += [""]
     return "\n".join(lines)
