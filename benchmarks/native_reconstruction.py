@@ -138,8 +138,9 @@ def pnp_entry(prior, data, plan, scale, truth, px, sphere, args, t_stats: float)
     }
 
 
-def redo_pnp(prior, full, n, truth, px, scale, sphere, args) -> dict:
-    """Only the denoiser-only entry of a finished cell, recomputed (``--redo-pnp``)."""
+def cell_statistics(prior, full, n) -> tuple:
+    """(source, plan, data, seconds): the first ``n`` particles of ``full`` and their
+    calibrated sufficient statistics on the prior's grid."""
     from cryoprior.physics.source import ParticleSource
     from cryoprior.solvers.prior_reconstruction import (
         accumulate_particles,
@@ -152,7 +153,13 @@ def redo_pnp(prior, full, n, truth, px, scale, sphere, args) -> dict:
     plan = prior_grid_plan(prior, source.box, source.pixel_size)
     data = accumulate_particles(source, plan.target_box, plan.target_pixel_size, plan=plan)
     calibrate_fourier_likelihood(data)
-    return pnp_entry(prior, data, plan, scale, truth, px, sphere, args, time.perf_counter() - t)
+    return source, plan, data, time.perf_counter() - t
+
+
+def redo_pnp(prior, full, n, truth, px, scale, sphere, args) -> dict:
+    """Only the denoiser-only entry of a finished cell, recomputed (``--redo-pnp``)."""
+    _, plan, data, t_stats = cell_statistics(prior, full, n)
+    return pnp_entry(prior, data, plan, scale, truth, px, sphere, args, t_stats)
 
 
 def run_cell(prior, full, n, truth, truth_b, px, scale, mass, masks, args) -> dict:
@@ -160,23 +167,15 @@ def run_cell(prior, full, n, truth, truth_b, px, scale, mass, masks, args) -> di
     from cryoprior.physics.source import ParticleSource
     from cryoprior.solvers.backprojection import reconstruct_source
     from cryoprior.solvers.map_baselines import smoothness_regularized
-    from cryoprior.solvers.prior_reconstruction import (
-        accumulate_particles,
-        calibrate_fourier_likelihood,
-        prior_grid_plan,
-    )
 
     sphere = masks[0]
-    source = ParticleSource(full.particles.subset(np.arange(n)))
     row: dict = {}
     t = time.perf_counter()
-    wiener = reconstruct_source(source, ssnr="fsc", seed=0).full
+    wiener = reconstruct_source(
+        ParticleSource(full.particles.subset(np.arange(n))), ssnr="fsc", seed=0
+    ).full
     row["wiener"] = score(wiener, truth, px, sphere) | {"seconds": time.perf_counter() - t}
-    t = time.perf_counter()
-    plan = prior_grid_plan(prior, source.box, source.pixel_size)
-    data = accumulate_particles(source, plan.target_box, plan.target_pixel_size, plan=plan)
-    calibrate_fourier_likelihood(data)
-    t_stats = time.perf_counter() - t
+    source, plan, data, t_stats = cell_statistics(prior, full, n)
     t = time.perf_counter()
     reg = smoothness_regularized(data)
     row["reg"] = score(reg.map, truth, px, sphere) | {
@@ -229,19 +228,7 @@ def prior_entry(prior, source, data, scale, mass, truth, truth_b, px, masks, arg
 
 def redo_prior(prior, full, n, truth, truth_b, px, scale, mass, masks, args) -> dict:
     """Only the prior's entry of a cell (``--redo-prior``), on the same particles."""
-    from cryoprior.physics.source import ParticleSource
-    from cryoprior.solvers.prior_reconstruction import (
-        accumulate_particles,
-        calibrate_fourier_likelihood,
-        prior_grid_plan,
-    )
-
-    source = ParticleSource(full.particles.subset(np.arange(n)))
-    t = time.perf_counter()
-    plan = prior_grid_plan(prior, source.box, source.pixel_size)
-    data = accumulate_particles(source, plan.target_box, plan.target_pixel_size, plan=plan)
-    calibrate_fourier_likelihood(data)
-    t_stats = time.perf_counter() - t
+    source, _, data, t_stats = cell_statistics(prior, full, n)
     entry = prior_entry(prior, source, data, scale, mass, truth, truth_b, px, masks, args)
     entry["seconds"] += t_stats
     return entry
