@@ -73,10 +73,11 @@ LABELS = {"wiener": "Wiener", "reg": "reg. LS", "pnp": "denoiser only", "prior":
 
 def truth_map(rec, box: int, px: float) -> torch.Tensor:
     """The ground-truth potential (D, D, D), centred on the atoms' centroid."""
+    from cryoprior.data.volumes import auto_bfactor
     from cryoprior.physics.atoms import atoms_to_map
 
     xyz, el, _ = rec.atoms()
-    return atoms_to_map(xyz - xyz.mean(0), el, box, px, bfactors=np.full(len(el), 16 * px * px))
+    return atoms_to_map(xyz - xyz.mean(0), el, box, px, bfactors=np.full(len(el), auto_bfactor(px)))
 
 
 def molecular_mask(truth: torch.Tensor, fraction: float = 0.05, dilate: int = 2) -> torch.Tensor:
@@ -164,18 +165,15 @@ def redo_pnp(prior, full, n, truth, px, scale, sphere, args) -> dict:
 
 def run_cell(prior, full, n, truth, truth_b, px, scale, mass, masks, args) -> dict:
     """Every method on the first ``n`` particles of ``full``."""
-    from cryoprior.physics.source import ParticleSource
     from cryoprior.solvers.backprojection import reconstruct_source
     from cryoprior.solvers.map_baselines import smoothness_regularized
 
     sphere = masks[0]
     row: dict = {}
-    t = time.perf_counter()
-    wiener = reconstruct_source(
-        ParticleSource(full.particles.subset(np.arange(n))), ssnr="fsc", seed=0
-    ).full
-    row["wiener"] = score(wiener, truth, px, sphere) | {"seconds": time.perf_counter() - t}
     source, plan, data, t_stats = cell_statistics(prior, full, n)
+    t = time.perf_counter()
+    wiener = reconstruct_source(source, ssnr="fsc", seed=0).full
+    row["wiener"] = score(wiener, truth, px, sphere) | {"seconds": time.perf_counter() - t}
     t = time.perf_counter()
     reg = smoothness_regularized(data)
     row["reg"] = score(reg.map, truth, px, sphere) | {

@@ -64,11 +64,12 @@ def held_out_proteins(corpus: Path, n: int, box: int, px: float) -> list:
 
 def truth_map(rec, box: int, px: float) -> torch.Tensor:
     """The ground-truth potential (D, D, D), centred on the atoms' centroid."""
+    from cryoprior.data.volumes import auto_bfactor
     from cryoprior.physics.atoms import atoms_to_map
 
     xyz, el, _ = rec.atoms()
     xyz = xyz - xyz.mean(0)
-    return atoms_to_map(xyz, el, box, px, bfactors=np.full(len(el), 16 * px * px))
+    return atoms_to_map(xyz, el, box, px, bfactors=np.full(len(el), auto_bfactor(px)))
 
 
 def score(volume: torch.Tensor, truth: torch.Tensor, px: float, mask: torch.Tensor) -> dict:

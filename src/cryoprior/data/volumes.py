@@ -62,6 +62,12 @@ def _as_atoms(item: Any, k: int) -> tuple[str, np.ndarray, list[str], np.ndarray
     )
 
 
+def auto_bfactor(pixel_size: float) -> float:
+    """The "auto" B-factor of rendered maps, 16 · pixel_size² Å²: its Debye-Waller factor
+    exp(-B q²/4) is exp(-1) at Nyquist, which keeps atoms_to_map's band-limit ringing small."""
+    return 16.0 * float(pixel_size) ** 2
+
+
 class MapDataset(Dataset):
     """Maps (1, D, D, D) float32 [z, y, x] of structures in random orientations.
 
@@ -157,7 +163,7 @@ class MapDataset(Dataset):
     def _bfactors(self, bfac: np.ndarray, n: int) -> torch.Tensor:
         if self.bfactor == "file":
             return torch.as_tensor(np.asarray(bfac, dtype=np.float64).clip(min=0))
-        value = 16 * self.pixel_size**2 if self.bfactor == "auto" else float(self.bfactor)
+        value = auto_bfactor(self.pixel_size) if self.bfactor == "auto" else float(self.bfactor)
         return torch.full((n,), value, dtype=torch.float64)
 
     @property

@@ -205,11 +205,13 @@ def _norms(r: torch.Tensor) -> torch.Tensor:
     return r.flatten(1).norm(dim=1)
 
 
-def _posterior_var(alpha: float, sigma: float, data_std: float) -> float:
-    """r_t² = s² σ̃² / (s² + σ̃²), σ̃ = σ_t/α_t: Var[x0 | x_t] for x0 ~ N(μ, s² I)."""
+def _posterior_var(
+    alpha: float, sigma: float, prior_var: float | torch.Tensor
+) -> float | torch.Tensor:
+    """r_t² = s² σ̃² / (s² + σ̃²), σ̃ = σ_t/α_t: Var[x0 | x_t] for x0 ~ N(μ, s²) — s² one
+    number (white) or one per Fourier coefficient."""
     st2 = (sigma / alpha) ** 2
-    s2 = data_std**2
-    return s2 * st2 / (s2 + st2)
+    return prior_var * st2 / (prior_var + st2)
 
 
 def _spectral_filter(v: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
@@ -281,10 +283,8 @@ class _Sampler:
         """r_t²: Var[x0 | x_t] of the Gaussian approximation of the prior — a scalar for a
         white prior (``data_std``), a spectrum on the rfft grid for ``prior_power``."""
         alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(t))
-        if self.prior_power is None:
-            return _posterior_var(alpha, sigma, self.data_std)
-        st2 = (sigma / alpha) ** 2
-        return self.prior_power * st2 / (self.prior_power + st2)
+        prior_var = self.data_std**2 if self.prior_power is None else self.prior_power
+        return _posterior_var(alpha, sigma, prior_var)
 
     @staticmethod
     def inverse_var(v: torch.Tensor, r2: float | torch.Tensor) -> torch.Tensor:
@@ -329,19 +329,18 @@ class _Sampler:
         """Π-GDM Gaussian likelihood: x̂0_y = x̂0 + (σ_t²/α_t) Jᵀ Aᵀ(σ²I + r_t² AAᵀ)⁻¹(y − A x̂0).
 
         With an operator that offers a preconditioner the solve runs in the domain, by the
-        push-through identity Aᵀ(σ²I + r_t² AAᵀ)⁻¹ = (σ²I + r_t² AᵀA)⁻¹Aᵀ, with
-        preconditioned CG (well-conditioned however informative the data). With a prior
-        spectrum (``prior_power``) r_t² is Fourier-diagonal, R, and the domain solve is
-        R Aᵀ(σ²I + A R Aᵀ)⁻¹ = (σ² R⁻¹ + AᵀA)⁻¹Aᵀ: the Gaussian correction itself."""
+        push-through identity R Aᵀ(σ²I + A R Aᵀ)⁻¹ = (σ² R⁻¹ + AᵀA)⁻¹Aᵀ (R = r_t², a
+        number or, with a prior spectrum, Fourier-diagonal), with preconditioned CG
+        (well-conditioned however informative the data); its solution is the Gaussian
+        correction itself."""
         lin = self.a_net.linear
         assert lin is not None and self.noise_sigma is not None
         alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(t))
         r2 = self.posterior_var(t)
         s2 = self.noise_sigma**2
-        spectral = not isinstance(r2, float)
-        precond = self._preconditioner(s2 / r2, 1.0) if spectral else self._preconditioner(s2, r2)
+        precond = self._preconditioner(s2 / r2, 1.0)
         require(
-            precond is not None or not spectral,
+            precond is not None or isinstance(r2, float),
             "a prior spectrum needs an operator with a Fourier preconditioner",
         )
         x_in = x.detach().requires_grad_(True)
@@ -352,13 +351,11 @@ class _Sampler:
             if precond is not None:
 
                 def normal(v: torch.Tensor) -> torch.Tensor:
-                    if spectral:
-                        return s2 * self.inverse_var(v, r2) + lin.normal(v)
-                    return s2 * v + r2 * lin.normal(v)
+                    return s2 * self.inverse_var(v, r2) + lin.normal(v)
 
                 with torch.no_grad():
                     rhs = lin.adjoint(resid)
-                w = conjugate_gradient(
+                gauss = conjugate_gradient(
                     normal,
                     rhs,
                     max_iter=self.n_inner,
@@ -366,9 +363,7 @@ class _Sampler:
                     batch_ndim=1,
                     preconditioner=precond,
                 ).x
-                gauss = w if spectral else r2 * w
-                if spectral:
-                    w = self.inverse_var(w, r2)
+                w = self.inverse_var(gauss, r2)
                 (g,) = torch.autograd.grad(out.x0, x_in, grad_outputs=w)
             else:
 

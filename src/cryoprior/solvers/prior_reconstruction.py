@@ -38,7 +38,6 @@ same units as the Wiener map of the same (resampled) particles.
 
 from __future__ import annotations
 
-import ast
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 
 from cryoprior.core.errors import InputError, require, require_positive
+from cryoprior.data.volumes import auto_bfactor
 from cryoprior.physics.composition import potential_integral_from_mass
 from cryoprior.physics.measurement import estimate_map_integral
 from cryoprior.physics.source import ParticleSource
@@ -182,18 +182,12 @@ SPECTRA = ("protein", "white")
 
 def prior_bfactor(prior: Prior) -> float:
     """The B-factor (Å²) of the maps a volume prior was trained on: the data set's
-    recorded number, or its "auto" convention 16 · pixel_size² Å²."""
-    data = prior.metadata.data
-    summary = data.get("summary", data)
-    if isinstance(summary, str):
-        try:
-            summary = ast.literal_eval(summary)
-        except (ValueError, SyntaxError):
-            summary = {}
+    recorded number, or its "auto" convention (:func:`~cryoprior.data.volumes.auto_bfactor`)."""
+    summary = prior.metadata.data.get("summary")
     b = summary.get("bfactor", "auto") if isinstance(summary, dict) else "auto"
     if isinstance(b, int | float):
         return float(b)
-    return 16.0 * float(prior.metadata.pixel_size) ** 2
+    return auto_bfactor(prior.metadata.pixel_size)
 
 
 def reconstruct_with_prior(
