@@ -447,7 +447,7 @@ def summarise(result: dict) -> str:
         f"{result.get('box')}³ at {result.get('pixel_size')} Å/px (Nyquist "
         f"{2 * result.get('pixel_size', 1.5):g} Å), CTF + an unrecorded B = "
         f"{result.get('envelope_bfactor')} Å² envelope on the images; every method on that "
-        f"grid, same particles, same mask ({result.get('mask')}). Prior `{result.get('prior')}`"
+        f"grid, same particles, same mask ({result.get('mask')}). Prior `{Path(str(result.get('prior'))).name}`"
         f" ({result.get('prior_training_steps')} training steps), Π-GDM, "
         f"{result.get('steps')} DDIM steps, mean of {result.get('samples')} samples; "
         f"denoiser-only: {result.get('pnp_iter')} HQS iterations. "

@@ -137,6 +137,30 @@ def test_cli_denoise_end_to_end_keeps_the_inputs_grid_and_origin(tmp_path):
     assert record["halves_fsc"]["fsc0143"] > 0
 
 
+def test_cli_denoise_protein_spectrum_is_used_and_recorded(tmp_path):
+    """--prior-spectrum protein changes the samples (same seed) and the record says so."""
+    _, (p1, p2) = _halves(tmp_path)
+    maps = {}
+    for spectrum in ("white", "protein"):
+        out = tmp_path / spectrum
+        args = ["denoise", str(p1), str(p2), "--mass-kda", "6.5", "--steps", "2"]
+        args += ["--samples", "1", "--prior-spectrum", spectrum, "--quiet", "-o", str(out)]
+        assert cli_main(args) == 0
+        assert json.loads((out / "denoise.json").read_text())["spectrum"] == spectrum
+        maps[spectrum] = read_map(out / "denoised.mrc").data
+    assert not torch.allclose(maps["white"], maps["protein"], rtol=1e-3, atol=1e-6)
+
+
+def test_cli_denoise_protein_spectrum_without_mass_is_refused(tmp_path, capsys):
+    _, (p1, p2) = _halves(tmp_path)
+    out = tmp_path / "out"
+    args = ["denoise", str(p1), str(p2), "--intensity-scale", "1.0"]
+    rc = cli_main(args + ["--prior-spectrum", "protein", "-o", str(out)])
+    assert rc == 2
+    assert "needs the molecule's mass" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("bad", ["shape", "pixel", "nan", "noncubic", "identical"])
 def test_cli_denoise_refuses_bad_inputs_without_output(tmp_path, capsys, bad):
     _, (p1, p2) = _halves(tmp_path)

@@ -67,6 +67,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_GUIDANCE,
         help=f"DPS rule (default {DEFAULT_GUIDANCE})",
     )
+    p.add_argument(
+        "--prior-spectrum",
+        choices=("white", "protein"),
+        default="white",
+        help="prior variance of the guidance: one white variance (default) or the expected "
+        "spectrum of a protein of the given mass (needs --mass-kda or --sequence)",
+    )
     p.add_argument("--pixel-size", type=float, help="override the headers' pixel size (Å)")
     p.add_argument("-o", "--out", default="denoise", help="output folder")
     add_common_args(p)
@@ -152,6 +159,7 @@ def main(args: argparse.Namespace) -> int:
         n_steps=args.steps,
         n_samples=args.samples,
         seed=args.seed,
+        spectrum=args.prior_spectrum,
         show_progress=not args.quiet,
     )
     halves = fsc(a, b, px, mask=None if mask is None else mask.data)

@@ -10,7 +10,11 @@
 3. The intensity unit: the average's integral over the box against the prior's integral
    for the molecule's mass (never a ground truth), or a given scale.
 4. Diffusion posterior sampling (:func:`~cryoprior.solvers.dps.dps_sample`), the mean and
-   per-voxel spread of the samples, mapped back to the user's box and pixel size.
+   per-voxel spread of the samples, mapped back to the user's box and pixel size. The
+   guidance's Gaussian approximation of x0 | x_t uses one white prior variance by
+   default (the setting ``benchmarks/denoise.py`` measured) or, with
+   ``spectrum="protein"``, the expected spectrum of a protein of the given mass (as
+   :func:`~cryoprior.solvers.prior_reconstruction.reconstruct_with_prior` does).
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ from cryoprior.solvers.prior_reconstruction import (
     DEFAULT_GUIDANCE,
     DEFAULT_N_INNER,
     IntensityScale,
+    choose_spectrum,
     prior_grid_plan,
+    protein_prior_power,
 )
 
 
@@ -100,6 +106,7 @@ class DenoisedMap:
             "prior_grid_halves_fsc0143": self.noise.resolution(0.143),
             "prior_grid_halves_fsc05": self.noise.resolution(0.5),
             "measured_fraction": self.measured_fraction,
+            "spectrum": "protein" if self.dps.config.get("prior_power") else "white",
             "intensity_scale": self.scale.to_dict(),
             "dps": self.dps.config,
             "seconds": self.seconds,
@@ -122,6 +129,7 @@ def denoise_half_maps(
     n_inner: int = DEFAULT_N_INNER,
     eta: float = 0.5,
     seed: int = 0,
+    spectrum: str = "white",
     show_progress: bool = False,
 ) -> DenoisedMap:
     """Posterior samples of the map given two half maps (D, D, D) at ``pixel_size`` Å/px.
@@ -132,7 +140,9 @@ def denoise_half_maps(
     region is the union of their central planes (:func:`~cryoprior.solvers.halfmap.
     measured_fourier_mask`); the noise spectrum is then measured on that region only.
     ``guidance``/``n_steps``/``n_inner``/``eta`` are those of
-    :func:`~cryoprior.solvers.dps.dps_sample`."""
+    :func:`~cryoprior.solvers.dps.dps_sample`. ``spectrum``: the prior variance of the
+    guidance ("white" or "protein", which needs ``mass_kda``)."""
+    spectrum = choose_spectrum(spectrum, mass_kda)
     t0 = time.perf_counter()
     half_map_noise(half1, half2, pixel_size)  # validates the inputs on the user's grid
     plan = prior_grid_plan(prior, int(half1.shape[-1]), float(pixel_size))
@@ -147,6 +157,10 @@ def denoise_half_maps(
     scale = map_intensity_scale(average, plan.target_pixel_size, mass_kda, intensity)
     op = HalfMapLikelihood(average, noise, measured)
     y = op.measurement(torch.float32)
+    power = None
+    if spectrum == "protein":
+        assert mass_kda is not None
+        power = protein_prior_power(prior, plan.target_box, plan.target_pixel_size, mass_kda)
     t1 = time.perf_counter()
     result = dps_sample(
         prior,
@@ -160,6 +174,7 @@ def denoise_half_maps(
         generator=torch.Generator().manual_seed(int(seed)),
         intensity_scale=scale.value,
         n_inner=n_inner,
+        prior_power=power,
         shape=(1,) + (plan.target_box,) * 3,
         show_progress=show_progress,
     )

@@ -190,6 +190,29 @@ def prior_bfactor(prior: Prior) -> float:
     return auto_bfactor(prior.metadata.pixel_size)
 
 
+def choose_spectrum(spectrum: str | None, mass_kda: float | None) -> str:
+    """The prior variance to use: ``spectrum`` checked against :data:`SPECTRA`, or by
+    default "protein" when the mass is known, else "white"."""
+    if spectrum is None:
+        spectrum = "white" if mass_kda is None else "protein"
+    require(spectrum in SPECTRA, f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
+    require(
+        spectrum == "white" or mass_kda is not None,
+        'the "protein" prior spectrum needs the molecule\'s mass (--mass-kda or --sequence)',
+    )
+    return spectrum
+
+
+def protein_prior_power(
+    prior: Prior, size: int, pixel_size: float, mass_kda: float
+) -> torch.Tensor:
+    """The prior variance per Fourier coefficient (rfft grid of a ``size``³ box at
+    ``pixel_size`` Å/px, the prior's network units) of a protein of ``mass_kda`` kDa,
+    at the B-factor of the prior's training maps (:mod:`cryoprior.solvers.prior_spectrum`)."""
+    scale = float(prior.metadata.normalisation["scale"])
+    return protein_power(size, pixel_size, mass_kda, prior_bfactor(prior), scale).float()
+
+
 def reconstruct_with_prior(
     source: ParticleSource,
     prior: Prior,
@@ -228,13 +251,7 @@ def reconstruct_with_prior(
     """
     check_volume_prior(prior)
     require(guidance in GUIDANCES, f"guidance must be one of {GUIDANCES}, got {guidance!r}")
-    if spectrum is None:
-        spectrum = "white" if mass_kda is None else "protein"
-    require(spectrum in SPECTRA, f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
-    require(
-        spectrum == "white" or mass_kda is not None,
-        'the "protein" prior spectrum needs the molecule\'s mass (--mass-kda or --sequence)',
-    )
+    spectrum = choose_spectrum(spectrum, mass_kda)
     t0 = time.perf_counter()
     if data is None:
         plan = prior_grid_plan(prior, source.box, source.pixel_size)
@@ -253,10 +270,7 @@ def reconstruct_with_prior(
     power = None
     if spectrum == "protein":
         assert mass_kda is not None
-        norm = prior.metadata.normalisation
-        power = protein_power(
-            data.size, data.pixel_size, mass_kda, prior_bfactor(prior), float(norm["scale"])
-        ).float()
+        power = protein_prior_power(prior, data.size, data.pixel_size, mass_kda)
     t1 = time.perf_counter()
     op = FourierLikelihoodOperator(data)
     y = op.measurement(torch.float32)
@@ -310,10 +324,12 @@ __all__ = [
     "accumulate_particles",
     "calibrate_fourier_likelihood",
     "check_volume_prior",
+    "choose_spectrum",
     "fourier_smooth",
     "grid_plan",
     "native_plan",
     "prior_grid_plan",
+    "protein_prior_power",
     "intensity_scale",
     "reconstruct_with_prior",
     "smoothness_regularized",
