@@ -447,7 +447,8 @@ def summarise(result: dict) -> str:
         f"{result.get('box')}³ at {result.get('pixel_size')} Å/px (Nyquist "
         f"{2 * result.get('pixel_size', 1.5):g} Å), CTF + an unrecorded B = "
         f"{result.get('envelope_bfactor')} Å² envelope on the images; every method on that "
-        f"grid, same particles, same mask ({result.get('mask')}). Prior `{Path(str(result.get('prior'))).name}`"
+        f"grid, same particles, same mask ({result.get('mask')}). "
+        f"Prior `{Path(str(result.get('prior'))).name}`"
         f" ({result.get('prior_training_steps')} training steps), Π-GDM, "
         f"{result.get('steps')} DDIM steps, mean of {result.get('samples')} samples; "
         f"denoiser-only: {result.get('pnp_iter')} HQS iterations. "
@@ -481,7 +482,7 @@ def summarise(result: dict) -> str:
             + " | ".join(f"{vals[m][0]:.2f} ± {vals[m][1]:.2f}" for m in METHODS)
             + f" | {ratio:.2f} | {ms(sel, 'prior', 'seconds')[0]:.0f} |"
         )
-    if all("prior_white" in r for r in rows):
+    if rows and all("prior_white" in r for r in rows):
         lines += [
             "",
             "The prior's entries above use the protein spectrum for r_t² (the default); "
@@ -544,9 +545,12 @@ def summarise(result: dict) -> str:
             "",
             f"Large box: {large['protein']} ({large['n_residues']} residues), "
             f"{large['box']}³ at {large['pixel_size']} Å/px, {large['n']} particles at SNR "
-            f"{large['snr']}: Wiener {large['wiener']['fsc0143']:.2f} Å "
-            f"({large['wiener']['seconds']:.0f} s), prior mean of {large['samples']} "
-            f"{large['prior']['fsc0143']:.2f} Å ({large['prior']['seconds']:.0f} s, sampling "
+            f"{large['snr']}: FSC₀.₁₄₃ (FSC₀.₅) vs truth Wiener "
+            f"{large['wiener']['fsc0143']:.2f} Å ({large['wiener']['fsc05']:.2f} Å; "
+            f"{large['wiener']['seconds']:.0f} s), prior mean of {large['samples']} "
+            f"({large['prior'].get('spectrum', 'white')} r_t²) "
+            f"{large['prior']['fsc0143']:.2f} Å ({large['prior']['fsc05']:.2f} Å; "
+            f"{large['prior']['seconds']:.0f} s, sampling "
             f"{large['prior']['sampling_seconds']:.0f} s); peak memory "
             f"{large['peak_rss_mb']:.0f} MB (before the prior: "
             f"{large['peak_rss_mb_before']:.0f} MB).",
@@ -635,7 +639,8 @@ def plot(result: dict, path: Path) -> None:
 
 def merge(args: argparse.Namespace) -> dict:
     """Cells of side-by-side passes (``--merge NAME ...``) added to ``--name``'s results,
-    replacing cells of the same (protein, SNR, N)."""
+    replacing cells of the same (protein, SNR, N); a pass's large-box run replaces
+    ``--name``'s."""
     out = Path(args.out)
     result = load_result(out / f"{args.name}.json")
     others = [load_result(out / f"{other}.json") for other in args.merge]
@@ -647,6 +652,9 @@ def merge(args: argparse.Namespace) -> dict:
         return (PROTEINS.index(r["protein"]), -r["snr"], r["n"])
 
     merged = merge_rows(result, others, key, sort_key)
+    for other in others:  # a pass's large-box run replaces the result's
+        if other.get("large"):
+            merged["large"] = other["large"]
     if args.timing:
         merged["timing"] = timing_entry(load_result(out / f"{args.timing}.json"), args.timing)
     save_result(merged, out, args.name)
