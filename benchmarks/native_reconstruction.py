@@ -475,6 +475,19 @@ def _cells(rows: list) -> list[tuple[float, int, list]]:
     return [(s, n, [r for r in rows if r["snr"] == s and r["n"] == n]) for s, n in keys]
 
 
+def _redone_note(rows: list, commands: list[str]) -> str:
+    """The header's sentence on cells whose baselines were recomputed (``--redo-baselines``)."""
+    redone = sorted({(r["snr"], r["n"]) for r in rows if r.get("baselines_redone")})
+    if not redone:
+        return ""
+    cells = ", ".join(f"SNR {s:g} N {n}" for s, n in redone)
+    return (
+        f" In {cells}, Wiener, reg. LS and denoiser-only were recomputed on the particles "
+        "of the prior's pass (its simulation had another size than the first pass's, and "
+        "the CTF draws depend on it): " + "; ".join(f"`{c}`" for c in commands) + "."
+    )
+
+
 def summarise(result: dict) -> str:
     rows = result["rows"]
     pnp_commits = sorted({r["pnp"]["commit"] for r in rows if r["pnp"].get("commit")})
@@ -499,7 +512,8 @@ def summarise(result: dict) -> str:
             f"solves (commit {', '.join(pnp_commits)}): `{result['pnp_redo_command']}`."
             if pnp_commits and result.get("pnp_redo_command")
             else ""
-        ),
+        )
+        + _redone_note(rows, result.get("redo_baselines_commands") or []),
         "",
         "FSC 0.143 vs truth, Å, mean ± std over proteins (lower is finer):",
         "",
@@ -526,7 +540,8 @@ def summarise(result: dict) -> str:
             "",
             "The prior's entries above use the protein spectrum for r_t² (the default); "
             f"the same cells with the white r_t² of `{result.get('redo_prior_from')}` "
-            "(every other method copied from there: the same particles, seeds and grid):",
+            "(the same seeds and grid; in the cells whose baselines were recomputed, "
+            "another draw of the particles — a simulation of another size):",
             "",
             "| SNR | N | prior mean, white r_t² | prior mean, protein spectrum |",
             "|---|---|---|---|",
@@ -698,6 +713,11 @@ def merge(args: argparse.Namespace) -> dict:
     for other in others:  # a pass's large-box run replaces the result's
         if other.get("large"):
             merged["large"] = other["large"]
+        for c in other.get("redo_baselines_commands", []):
+            merged.setdefault("redo_baselines_commands", [])
+            if c not in merged["redo_baselines_commands"]:
+                merged["redo_baselines_commands"].append(c)
+    merged["commands"] = [c for c in merged["commands"] if "--redo-baselines" not in c]
     if args.timing:
         merged["timing"] = timing_entry(load_result(out / f"{args.timing}.json"), args.timing)
     save_result(merged, out, args.name)
