@@ -151,7 +151,14 @@ def run_cell(prior, h1, h2, truth, truth_b, px, mass, masks, args) -> dict:
     }
     row["pnp"] = pnp_entry(prior, h1, h2, truth, px, mass, sphere)
     post = denoise_half_maps(
-        h1, h2, px, prior, mass_kda=mass, n_steps=args.steps, n_samples=args.samples
+        h1,
+        h2,
+        px,
+        prior,
+        mass_kda=mass,
+        n_steps=args.steps,
+        n_samples=args.samples,
+        spectrum=args.spectrum,
     )
     row["prior"] = score(post.mean, truth, px, sphere) | {
         "seconds": post.seconds["total"],
@@ -192,7 +199,8 @@ def summarise(result: dict) -> str:
         "",
         f"64³ at {result['pixel_size']} Å/px; half maps from N particles at SNR "
         f"{result['snr']} (CTF, {result['envelope_bfactor']:g} Å² image envelope); "
-        f"prior: {result['guidance']}, {result['steps']} DDIM steps, mean of "
+        f"prior: {result['guidance']} ({result.get('spectrum', 'white')} r_t²), "
+        f"{result['steps']} DDIM steps, mean of "
         f"{result['samples']} samples; mask: {result['mask']}. FSC vs the truth (Å), "
         "mean ± std over proteins (n = proteins in the cell)."
         + (
@@ -406,6 +414,7 @@ def describe(args: argparse.Namespace) -> dict:
         snr=args.snr,
         envelope_bfactor=args.envelope,
         guidance="pigdm_dc",
+        spectrum=args.spectrum,
         steps=args.steps,
         samples=args.samples,
         threads=args.threads,
@@ -672,6 +681,12 @@ def main() -> None:
     ap.add_argument("--pixel-size", type=float, default=1.5)
     ap.add_argument("--envelope", type=float, default=60.0, help="image B envelope, Å²")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument(
+        "--spectrum",
+        default="white",
+        choices=("white", "protein"),
+        help="prior variance of the guidance (cryoprior denoise --prior-spectrum)",
+    )
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--no-noise-only", dest="noise_only", action="store_false")
     ap.add_argument("--threads", type=int, default=2)
