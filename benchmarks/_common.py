@@ -19,6 +19,18 @@ def git_commit() -> str:
     return out.stdout.strip()
 
 
+def truth_map(rec, box: int, px: float):
+    """The ground-truth potential (D, D, D) of a corpus record, centred on its atoms'
+    centroid, at the "auto" B-factor of the priors' training maps (torch float32)."""
+    import numpy as np
+
+    from cryoprior.data.volumes import auto_bfactor
+    from cryoprior.physics.atoms import atoms_to_map
+
+    xyz, el, _ = rec.atoms()
+    return atoms_to_map(xyz - xyz.mean(0), el, box, px, bfactors=np.full(len(el), auto_bfactor(px)))
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far (VmHWM), in MB; NaN where unavailable."""
     try:

@@ -62,22 +62,13 @@ RESULTS = HERE / "results"
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _common import git_commit, merge_rows, peak_rss_mb, write_results  # noqa: E402
+from _common import git_commit, merge_rows, peak_rss_mb, truth_map, write_results  # noqa: E402
 
 PROTEINS = ("5pti_A", "1fki_A", "3aqg_A", "2qdl_A", "protein_A")
 SNRS = (0.1, 0.03, 0.01)
 NS = (100, 300, 1000, 3000, 10000)
 METHODS = ("wiener", "reg", "pnp", "prior")
 LABELS = {"wiener": "Wiener", "reg": "reg. LS", "pnp": "denoiser only", "prior": "prior mean"}
-
-
-def truth_map(rec, box: int, px: float) -> torch.Tensor:
-    """The ground-truth potential (D, D, D), centred on the atoms' centroid."""
-    from cryoprior.data.volumes import auto_bfactor
-    from cryoprior.physics.atoms import atoms_to_map
-
-    xyz, el, _ = rec.atoms()
-    return atoms_to_map(xyz - xyz.mean(0), el, box, px, bfactors=np.full(len(el), auto_bfactor(px)))
 
 
 def molecular_mask(truth: torch.Tensor, fraction: float = 0.05, dilate: int = 2) -> torch.Tensor:
@@ -267,7 +258,6 @@ def run(args: argparse.Namespace) -> dict:
     done = {(r["protein"], r["snr"], r["n"]) for r in result["rows"]}
     own = {(r["protein"], r["snr"], r["n"]): r for r in result["rows"]}
     if args.redo_baselines:  # the other methods again, on this pass's particles
-        done = set()
         result.setdefault("redo_baselines_commands", []).append(" ".join(sys.argv))
     if args.redo_pnp:  # only the finished cells' denoiser-only entries, from older code
         stale = {

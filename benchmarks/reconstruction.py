@@ -43,7 +43,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
 
+from _common import truth_map  # noqa: E402
 
 DEFAULT_SNR = (1.0, 0.1, 0.01)
 
@@ -60,16 +62,6 @@ def held_out_proteins(corpus: Path, n: int, box: int, px: float) -> list:
         if len(out) == n:
             break
     return out
-
-
-def truth_map(rec, box: int, px: float) -> torch.Tensor:
-    """The ground-truth potential (D, D, D), centred on the atoms' centroid."""
-    from cryoprior.data.volumes import auto_bfactor
-    from cryoprior.physics.atoms import atoms_to_map
-
-    xyz, el, _ = rec.atoms()
-    xyz = xyz - xyz.mean(0)
-    return atoms_to_map(xyz, el, box, px, bfactors=np.full(len(el), auto_bfactor(px)))
 
 
 def score(volume: torch.Tensor, truth: torch.Tensor, px: float, mask: torch.Tensor) -> dict:
