@@ -202,6 +202,7 @@ def prior_entry(prior, source, data, scale, mass, truth, truth_b, px, masks, arg
         n_inner=args.n_inner,
         guidance=args.guidance,
         spectrum=args.spectrum,
+        antithetic=args.antithetic,
         data=data,
         seed=0,
     )
@@ -209,11 +210,12 @@ def prior_entry(prior, source, data, scale, mass, truth, truth_b, px, masks, arg
     entry = score(mean, truth, px, sphere) | {
         "seconds": post.seconds["sampling"],
         "spectrum": post.info["spectrum"],
+        "antithetic": post.info["antithetic"],
         "commit": git_commit(),
     }
     if samples.shape[0] >= 2:
-        cal = spread_calibration(truth_b, samples, sphere, px)
-        cal_m = spread_calibration(truth_b, samples, molecule, px)
+        cal = spread_calibration(truth_b, samples, sphere, px, antithetic=args.antithetic)
+        cal_m = spread_calibration(truth_b, samples, molecule, px, antithetic=args.antithetic)
         entry["calibration"] = {
             "voxels_sphere": cal["voxels"],
             "voxels_molecule": cal_m["voxels"],
@@ -221,6 +223,23 @@ def prior_entry(prior, source, data, scale, mass, truth, truth_b, px, masks, arg
             "shells": [round(v, 3) for v in cal["shells"]["coverage"]],
         }
     return entry
+
+
+#: where ``--redo-prior`` keeps a cell's previous prior entry: by what the redo changes
+PREVIOUS = {
+    "prior_white": "white r_t², independent samples",
+    "prior_independent": "protein spectrum, independent samples",
+}
+
+
+def previous_key(entry: dict) -> str:
+    """The row key for a prior entry that a ``--redo-prior`` pass replaces: "prior_white"
+    for the white r_t² (entries before the spectrum was recorded were white),
+    "prior_independent" for the protein spectrum with independent samples."""
+    if entry.get("spectrum", "white") == "white":
+        return "prior_white"
+    assert not entry.get("antithetic"), "a redo of antithetic entries has no key yet"
+    return "prior_independent"
 
 
 def redo_prior(prior, full, n, truth, truth_b, px, scale, mass, masks, args) -> dict:
@@ -284,6 +303,7 @@ def run(args: argparse.Namespace) -> dict:
         envelope_bfactor=args.envelope,
         steps=args.steps,
         samples=args.samples,
+        antithetic=args.antithetic,
         n_inner=args.n_inner,
         pnp_iter=args.pnp_iter,
         threads=args.threads,
@@ -352,7 +372,8 @@ def run(args: argparse.Namespace) -> dict:
                         continue
                     if args.redo_prior:
                         row = dict(base[(name, snr, n)])
-                        row["prior_white"] = row["prior"]
+                        before = previous_key(row["prior"])
+                        row[before] = row["prior"]
                         row["n_simulated_prior"] = sim_n
                         row["prior"] = redo_prior(
                             prior, full, n, truth, truth_b, px, scale, mass, masks, args
@@ -361,8 +382,8 @@ def run(args: argparse.Namespace) -> dict:
                         save_result(result, out, args.name)
                         print(
                             f"{name} SNR {snr:g} N {n}: Wiener {row['wiener']['fsc0143']:.2f} Å, "
-                            f"prior {row['prior']['fsc0143']:.2f} Å (white r²: "
-                            f"{row['prior_white']['fsc0143']:.2f} Å), "
+                            f"prior {row['prior']['fsc0143']:.2f} Å ({before}: "
+                            f"{row[before]['fsc0143']:.2f} Å), "
                             f"{row['prior']['seconds']:.0f} s",
                             flush=True,
                         )
@@ -764,6 +785,11 @@ def main() -> None:
         "--spectrum",
         default=None,
         help="prior variance of the guidance: protein (the default) or white",
+    )
+    ap.add_argument(
+        "--antithetic",
+        action="store_true",
+        help="draw the posterior samples in antithetic pairs (an even --samples)",
     )
     ap.add_argument(
         "--redo-prior",

@@ -23,7 +23,9 @@ from cryoprior.diffusion import (
 )
 from cryoprior.geometry.rotations import random_rotations
 from cryoprior.physics.atoms import atoms_to_map, gaussians_to_map
+from cryoprior.physics.composition import potential_integral
 from cryoprior.physics.ctf import CTFParams
+from cryoprior.physics.measurement import estimate_intensity_scale
 from cryoprior.physics.noise import add_noise, noise_sigma_for_snr
 from cryoprior.physics.operators import (
     CalphaProjectionOperator,
@@ -32,7 +34,7 @@ from cryoprior.physics.operators import (
     ProjectionOperator,
 )
 from cryoprior.priors import Prior, PriorMetadata
-from cryoprior.solvers.dps import dps_sample, estimate_intensity_scale, potential_integral
+from cryoprior.solvers.dps import dps_sample
 
 F64 = torch.float64
 
@@ -345,3 +347,46 @@ def test_dps_rejects_bad_inputs():
         dps_sample(den, calpha, torch.zeros(1, 8, 8, dtype=F64), 0.1, 5, guidance="pigdm")
     with pytest.raises(InputError, match="mask"):
         dps_sample(den, op, y, 0.1, 5, mask=torch.ones(3))
+
+
+def test_antithetic_pairs_average_to_the_noise_free_mean():
+    """For a Gaussian prior and linear A each step is affine in the noise, so a pair's mean
+    is the same for every draw (the sampler's posterior mean), while its samples differ."""
+    n, m, sigma, s = 8, 5, 0.1, 0.8
+    mu, a, y, post_mean, _ = _problem(n, m, sigma, s, seed=2)
+    den = AnalyticGaussianDenoiser(LinearSchedule(), mu, s)
+
+    def draw(seed: int):
+        return dps_sample(
+            den,
+            MatrixOperator(a),
+            y,
+            sigma,
+            50,
+            guidance="pigdm",
+            sampler="ddim",
+            eta=0.5,
+            n_samples=6,
+            n_inner=20,
+            antithetic=True,
+            generator=torch.Generator().manual_seed(seed),
+            data_std=s,
+        )
+
+    r1, r2 = draw(1), draw(2)
+    pairs = 0.5 * (r1.samples[:3] + r1.samples[3:])
+    torch.testing.assert_close(pairs, pairs[:1].expand_as(pairs), rtol=0, atol=1e-9)
+    torch.testing.assert_close(r1.mean, r2.mean, rtol=0, atol=1e-9)
+    assert float((r1.samples[0] - r2.samples[0]).norm()) > 0.1  # the samples are random
+    assert float((r1.mean - post_mean).norm()) < 0.05 * float((mu - post_mean).norm())
+    assert r1.config["antithetic"] is True
+
+
+def test_antithetic_pairs_need_an_even_batch_of_map_samples():
+    den = AnalyticGaussianDenoiser(LinearSchedule(), torch.zeros(3, dtype=F64), 1.0)
+    op = MatrixOperator(torch.eye(3, dtype=F64))
+    y = torch.zeros(3, dtype=F64)
+    with pytest.raises(InputError, match="even number of samples"):
+        dps_sample(den, op, y, 0.1, 5, guidance="pigdm", n_samples=3, antithetic=True)
+    with pytest.raises(InputError, match="even number of samples"):
+        dps_sample(den, op, y, 0.1, 5, guidance="pigdm", n_samples=4, batch_size=3, antithetic=True)

@@ -12,6 +12,7 @@ import torch
 
 from cryoprior.cli.main import main as cli_main
 from cryoprior.core.containers import Volume
+from cryoprior.core.errors import InputError
 from cryoprior.data.corpus import shipped_records
 from cryoprior.diffusion import per_sample_time
 from cryoprior.io.mrc import read_map
@@ -177,3 +178,20 @@ def test_spread_calibration_of_a_calibrated_gaussian_posterior():
     assert len(cal["shells"]["coverage"]) == d // 2
     narrow = mu + 0.2 * sd * torch.randn((k, d, d, d), generator=g)  # over-confident
     assert spread_calibration(truth, narrow, torch.ones((d,) * 3), 1.0)["voxels"] < 0.5
+
+
+def test_spread_calibration_of_antithetic_pairs():
+    """Pairs μ ± sd·z (mean exactly μ): the expected coverage is P(|t_{K/2}| ≤ 2√(K/(K−1)))."""
+    g = torch.Generator().manual_seed(1)
+    d, k = 16, 4
+    mu = torch.randn((d,) * 3, generator=g)
+    sd = 0.5 + torch.rand((d,) * 3, generator=g)
+    half = sd * torch.randn((k // 2, d, d, d), generator=g)
+    samples = mu + torch.cat([half, -half])
+    truth = mu + sd * torch.randn((d,) * 3, generator=g)
+    cal = spread_calibration(truth, samples, torch.ones((d,) * 3), 1.0, antithetic=True)
+    assert cal["expected"] == pytest.approx(expected_coverage(4, antithetic=True))
+    assert cal["expected"] == pytest.approx(0.853, abs=1e-3)
+    assert cal["voxels"] == pytest.approx(cal["expected"], abs=0.02)
+    with pytest.raises(InputError, match="pairs"):
+        expected_coverage(3, antithetic=True)

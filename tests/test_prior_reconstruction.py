@@ -16,13 +16,14 @@ from cryoprior.data.corpus import shipped_records
 from cryoprior.physics.atoms import atoms_to_map
 from cryoprior.physics.composition import (
     POTENTIAL_PER_KDA,
+    potential_integral,
     potential_integral_from_mass,
     protein_mass_kda,
 )
 from cryoprior.physics.operators import ProjectionCTFOperator
 from cryoprior.physics.simulator import SimulationConfig, simulate_particles
 from cryoprior.physics.source import ParticleSource
-from cryoprior.solvers.dps import dps_sample, potential_integral
+from cryoprior.solvers.dps import dps_sample
 from cryoprior.solvers.prior_reconstruction import (
     FourierLikelihoodOperator,
     accumulate_particles,

@@ -11,6 +11,13 @@ the same Gaussian, (x − m)/(s·√(1 + 1/K)) follows Student's t with K − 1 
 freedom, so the expected fraction is P(|T_{K−1}| ≤ k/√(1 + 1/K)) (:func:`expected_coverage`;
 0.83 for K = 4, 0.94 for K = 32, 0.954 as K → ∞). Below it the spread is too narrow
 (over-confident); above it, too wide.
+
+Antithetic pairs (:func:`~cryoprior.solvers.dps.dps_sample` with ``antithetic=True``):
+the K samples are K/2 independent pairs whose deviations from the mean are opposite.
+For a Gaussian posterior the pairs' mean is then the posterior mean itself, x − m is
+N(0, σ²) and the sample variance (divisor K − 1) is 2σ²·χ²_{K/2}/(K − 1), so
+(x − m)/s · √((K − 1)/K) follows Student's t with K/2 degrees of freedom: the expected
+fraction is P(|T_{K/2}| ≤ k·√(K/(K − 1))) (0.85 for K = 4).
 """
 
 from __future__ import annotations
@@ -26,10 +33,14 @@ from cryoprior.geometry.fft import fft3_c
 from cryoprior.geometry.grids import shell_indices
 
 
-def expected_coverage(n_samples: int, k: float = 2.0) -> float:
-    """P(|x − m| ≤ k·s) for a calibrated Gaussian posterior sampled ``n_samples`` times."""
+def expected_coverage(n_samples: int, k: float = 2.0, antithetic: bool = False) -> float:
+    """P(|x − m| ≤ k·s) for a calibrated Gaussian posterior sampled ``n_samples`` times
+    (independently, or in ``antithetic`` pairs: module doc)."""
     n = int(n_samples)
     require(n >= 2, f"a spread needs at least 2 samples, got {n}")
+    if antithetic:
+        require(n % 2 == 0, f"antithetic samples come in pairs, got {n}")
+        return float(2 * stats.t.cdf(k * math.sqrt(n / (n - 1)), df=n // 2) - 1)
     return float(2 * stats.t.cdf(k / math.sqrt(1 + 1 / n), df=n - 1) - 1)
 
 
@@ -39,6 +50,7 @@ def spread_calibration(
     mask: torch.Tensor,
     pixel_size: float,
     k: float = 2.0,
+    antithetic: bool = False,
 ) -> dict:
     """Coverage of |truth − mean| ≤ k·std inside ``mask`` (voxels) and per Fourier shell.
 
@@ -46,7 +58,8 @@ def spread_calibration(
     (D, D, D) soft or binary: voxels with mask > 0.5 are counted, and the shells are
     computed on the maps multiplied by the mask. Returns ``{"voxels": fraction,
     "expected": calibrated value, "shells": {"frequency": 1/Å, "coverage": fractions},
-    "n_samples": K, "k": k}``.
+    "n_samples": K, "k": k}``; ``antithetic``: the samples are antithetic pairs (only the
+    expected value changes).
     """
     x = torch.as_tensor(truth).double()
     s = torch.as_tensor(samples).double()
@@ -79,7 +92,7 @@ def spread_calibration(
         coverage.append(float(hits.sum() / valid.sum().clamp_min(1)))
     return {
         "voxels": voxels,
-        "expected": expected_coverage(n, k),
+        "expected": expected_coverage(n, k, antithetic),
         "n_samples": int(n),
         "k": float(k),
         "shells": {

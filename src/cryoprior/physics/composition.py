@@ -14,7 +14,12 @@ the structure.
 
 from __future__ import annotations
 
-from cryoprior.core.errors import InputError, require_positive
+from collections.abc import Sequence
+
+import numpy as np
+
+from cryoprior.core.errors import InputError, require, require_positive
+from cryoprior.physics.scattering import form_factor_table
 
 #: average residue masses in Da (amino acid minus water; IUPAC average isotopic masses)
 RESIDUE_MASS_DA: dict[str, float] = {
@@ -64,9 +69,22 @@ def potential_integral_from_mass(mass_kda: float) -> float:
     return POTENTIAL_PER_KDA * require_positive(mass_kda, "molecular mass (kDa)")
 
 
+def potential_integral(elements: Sequence[str | int]) -> float:
+    """∫V d³r (Å) of :func:`cryoprior.physics.atoms.atoms_to_map` for atoms ``elements``.
+
+    The integral of each atom's five-Gaussian potential is Σ_k a_k (its scattering factor
+    at q = 0; Peng et al. 1996), independent of positions and B-factors: only the
+    composition (known from the sequence) is used, not the structure.
+    """
+    require(len(elements) >= 1, "need at least one element")
+    a, _ = form_factor_table(list(elements))
+    return float(np.sum(a))
+
+
 __all__ = [
     "POTENTIAL_PER_KDA",
     "RESIDUE_MASS_DA",
+    "potential_integral",
     "potential_integral_from_mass",
     "protein_mass_kda",
 ]

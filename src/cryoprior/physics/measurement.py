@@ -162,10 +162,30 @@ def estimate_map_integral(
     return MapIntegral(s_hat * px**3, stderr * px**3)
 
 
+def estimate_intensity_scale(
+    images: torch.Tensor,
+    reference_integral: float,
+    ctf_at_zero: torch.Tensor | float | None = None,
+    pixel_size: float = 1.0,
+) -> float:
+    """c such that the measurement is c · A(x_phys): measured ∫V d³r / ``reference_integral``.
+
+    The numerator comes from the images alone (:func:`estimate_map_integral`: least-squares
+    fit of the images' DC terms over CTF(0), times pixel_size³); ``reference_integral`` is
+    the integral of the molecule in the prior's physical units
+    (:func:`~cryoprior.physics.composition.potential_integral` of its composition, or the
+    number of Cα times the blob amplitude). ``images`` (K, H, W) in the operator's
+    (voxel-sum) units.
+    """
+    ref = require_positive(reference_integral, "reference integral")
+    return estimate_map_integral(images, ctf_at_zero, pixel_size).integral / ref
+
+
 __all__ = [
     "GaussianNoiseModel",
     "MapIntegral",
     "background_mask",
+    "estimate_intensity_scale",
     "estimate_map_integral",
     "estimate_noise_sigma",
 ]

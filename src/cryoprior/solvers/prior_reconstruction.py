@@ -231,6 +231,7 @@ def reconstruct_with_prior(
     seed: int = 0,
     data: FourierData | None = None,
     spectrum: str | None = None,
+    antithetic: bool = False,
     show_progress: bool = False,
 ) -> PriorReconstruction:
     """Posterior samples of the map given particles at known poses and a volume prior.
@@ -247,7 +248,9 @@ def reconstruct_with_prior(
     :func:`accumulate_particles` (e.g. the same particles with several priors).
     ``spectrum``: the prior variance of the guidance's Gaussian approximation
     (:data:`SPECTRA`; "protein" needs ``mass_kda``; default "protein" when the mass is
-    given, else "white").
+    given, else "white"). ``antithetic``: the samples come in antithetic pairs (an even
+    ``n_samples``; :func:`~cryoprior.solvers.dps.dps_sample`), whose mean is a far better
+    estimate of the posterior mean than as many independent samples'.
     """
     check_volume_prior(prior)
     require(guidance in GUIDANCES, f"guidance must be one of {GUIDANCES}, got {guidance!r}")
@@ -290,6 +293,7 @@ def reconstruct_with_prior(
         intensity_scale=scale.value,
         n_inner=n_inner,
         prior_power=power,
+        antithetic=antithetic,
         shape=(1,) + (data.size,) * 3,
         show_progress=show_progress,
     )
@@ -310,6 +314,7 @@ def reconstruct_with_prior(
             "kappa": data.kappa,
             "kappa_spread": data.info.get("kappa_spread"),
             "spectrum": spectrum,
+            "antithetic": bool(antithetic),
         },
         plan=data.plan,
     )
