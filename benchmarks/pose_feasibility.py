@@ -16,9 +16,9 @@ from its true pose moved by ``--local-start`` degrees about a random axis (and i
 by 1 Å) and ``refine_local`` (the likelihood score and the coarse-to-fine passes of
 refinement's local iterations, here ``--local-steps``) searches around it against the
 truth under the images' envelope (the exact noiseless signal of the images) over a
-``--local-band`` Å band. Its median rotation error is what the noise in the
-images alone allows: no refinement against a map built from the same particles can be
-expected to do better.
+``--local-band`` Å band. Its median rotation error is what this search reaches
+when the reference is perfect: a floor for refinement, which runs the same search
+against maps built from the particles.
 
     python benchmarks/pose_feasibility.py                      # protein_A, SNR 0.1/0.03/0.01
     python benchmarks/pose_feasibility.py --proteins 5pti_A 2qdl_A --n 200
@@ -207,8 +207,9 @@ def summarise(result: dict) -> str:
             "Local rows: refinement's local search (likelihood, coarse-to-fine passes, "
             "origins ≤ 2 px) against the truth under the images' envelope (the images' "
             "exact noiseless signal) from the true poses moved by the stated "
-            "angle about random axes and origins moved by 1 Å: the noise floor of the "
-            "rotation error that no reference built from the particles can beat.",
+            "angle about random axes and origins moved by 1 Å: the rotation error this search "
+            "reaches with a perfect reference, a floor for refinement (which uses the same "
+            "search against maps built from the particles).",
         ]
     return "\n".join(lines) + "\n"
 
