@@ -109,6 +109,7 @@ def test_cli_native_reconstruct_with_a_bare_prior_flag(particles, tmp_path):
     record = json.loads((out / "reconstruct.json").read_text())
     assert record["prior_grid"] == {"box": 32, "pixel_size": pytest.approx(1.5)}
     assert record["dps"]["n_samples"] == 2
+    assert record["dps"]["antithetic"] is True  # an even number: antithetic pairs
     mask = spherical_mask((32,) * 3, 12.0, soft_edge_px=2.0)
     corr = fsc(mean.data.double(), truth.double(), 1.5, mask=mask).fsc
     assert corr[1:4].mean() > 0.5  # the low shells of the map are the protein's
@@ -130,6 +131,17 @@ def test_cli_native_reconstruct_resamples_and_returns_to_the_users_grid(tmp_path
     assert mean.data.shape == (30, 30, 30) and mean.pixel_size == pytest.approx(1.6)
     record = json.loads((out / "reconstruct.json").read_text())
     assert "Fourier-padded" in record["grid"]
+    assert record["dps"]["antithetic"] is False  # one sample
+
+
+def test_cli_independent_samples_opt_out_of_pairs(particles, tmp_path):
+    rec, _, sim = particles
+    out = tmp_path / "rec"
+    args = ["reconstruct", sim.paths["star"], "--prior", "--sequence", rec.sequence]
+    args += ["--samples", "2", "--steps", "2", "--independent-samples", "-o", str(out)]
+    assert cli_main(args + ["--quiet"]) == 0
+    record = json.loads((out / "reconstruct.json").read_text())
+    assert record["dps"]["antithetic"] is False and record["dps"]["n_samples"] == 2
 
 
 def test_cli_native_reconstruct_refuses_a_far_pixel_size(tmp_path, capsys):

@@ -217,7 +217,10 @@ def test_cli_demo_tiny(tmp_path):
     for method in ("wiener", "prior"):
         r = few[method]["fsc0143_vs_truth_angstrom"]
         assert math.isfinite(r) and 3.0 <= r < 40, (method, r)
-    assert "Few particles: Wiener vs the learned prior" in (out / "report.md").read_text()
+    assert few["prior"]["antithetic"] is True  # two samples: one antithetic pair
+    report = (out / "report.md").read_text()
+    assert "Few particles: Wiener vs the learned prior" in report
+    assert "in antithetic pairs" in report
 
 
 def test_cli_demo_skips_the_prior_comparison_when_the_grid_cannot_match(tmp_path, capsys):

@@ -244,7 +244,12 @@ def _prior_comparison(
         "intensity_scale": scale.value,
         "wiener": entry(w_fsc, wiener.full.double()),
         "prior": entry(p_fsc, mean.double())
-        | {"samples": args.prior_samples, "steps": args.prior_steps, "guidance": DEFAULT_GUIDANCE},
+        | {
+            "samples": args.prior_samples,
+            "antithetic": post.info["antithetic"],
+            "steps": args.prior_steps,
+            "guidance": DEFAULT_GUIDANCE,
+        },
         "seconds": {"wiener": t_wiener, "prior": post.seconds["total"]},
         "curves": {
             f"Wiener, {k} particles": w_fsc,
@@ -267,6 +272,7 @@ def _report(
     few_txt = ""
     if few is not None:
         k, w, pr = few["n_particles"], few["wiener"], few["prior"]
+        pairs = " in antithetic pairs" if pr.get("antithetic") else ""
         row_w = (
             f"| Wiener back-projection | {w['fsc0143_vs_truth_angstrom']:.2f} Å | "
             f"{w['fsc05_vs_truth_angstrom']:.2f} Å | "
@@ -289,8 +295,8 @@ the particles' own grid ({few["scored_on"]}), same mask; the posterior was sampl
 {row_w}
 {row_p}
 
-Posterior mean of {pr["samples"]} samples ({pr["guidance"]} guidance, {pr["steps"]} DDIM
-steps); its per-voxel spread is `prior_{k}_std.mrc`. Intensity scale
+Posterior mean of {pr["samples"]} samples{pairs} ({pr["guidance"]} guidance, {pr["steps"]}
+DDIM steps); its per-voxel spread is `prior_{k}_std.mrc`. Intensity scale
 {few["intensity_scale"]:.4g} (from the images' DC terms and the sequence's mass, never from
 the truth). Maps: `wiener_{k}_map.mrc`, `prior_{k}_map.mrc`.
 """

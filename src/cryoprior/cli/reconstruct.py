@@ -16,7 +16,8 @@ own box, Fourier-cropped or -padded to its pixel size (within limits: the error 
 to do); a fixed-box prior (volume_32, 32³ at 3 Å/px, the coarse one) needs the
 particles to span its physical box. The intensity scale comes from the images' DC terms
 and the molecule's mass (--mass-kda or --sequence), or is given (--intensity-scale).
-Writes map.mrc (posterior mean) and std.mrc (per-voxel spread over --samples samples) on
+Writes map.mrc (posterior mean) and std.mrc (per-voxel spread over --samples samples;
+an even number are drawn in antithetic pairs unless --independent-samples) on
 the particles' box and pixel size, sample_NNN.mrc with --write-samples, and
 reconstruct.json. Guidance pigdm (default), dps_x0, pigdm_dc or dps; 30 DDIM steps by
 default.
@@ -127,6 +128,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         choices=("protein", "white"),
         help="prior variance of a density-map prior's guidance: the expected spectrum of a "
         "protein of the given mass (default when the mass is known) or one white variance",
+    )
+    g.add_argument(
+        "--independent-samples",
+        action="store_true",
+        help="draw a density-map prior's samples independently (default: in antithetic "
+        "pairs when --samples is even: a pair's noise draws are opposite, and the mean of "
+        "pairs estimates the posterior mean far better)",
     )
     g.add_argument("--write-samples", action="store_true", help="write every sample's map")
     add_calpha_args(g)
@@ -259,6 +267,7 @@ def _main_prior(args: argparse.Namespace, source: ParticleSource) -> int:
         n_samples=args.samples,
         eta=args.eta,
         spectrum=args.prior_spectrum,
+        antithetic=False if args.independent_samples else None,
         pad=args.pad,
         seed=args.seed,
         show_progress=not args.quiet,
@@ -289,8 +298,9 @@ def _main_prior(args: argparse.Namespace, source: ParticleSource) -> int:
             seconds=result.seconds,
         ),
     )
+    pairs = " (antithetic pairs)" if result.info["antithetic"] else ""
     print(
-        f"posterior mean of {args.samples} sample(s) from {len(source)} particles "
+        f"posterior mean of {args.samples} sample(s){pairs} from {len(source)} particles "
         f"({result.info['grid']}) -> {out}/map.mrc, spread {out}/std.mrc; "
         f"{result.seconds['total']:.0f} s"
     )

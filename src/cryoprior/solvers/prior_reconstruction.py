@@ -231,7 +231,7 @@ def reconstruct_with_prior(
     seed: int = 0,
     data: FourierData | None = None,
     spectrum: str | None = None,
-    antithetic: bool = False,
+    antithetic: bool | None = None,
     show_progress: bool = False,
 ) -> PriorReconstruction:
     """Posterior samples of the map given particles at known poses and a volume prior.
@@ -248,13 +248,17 @@ def reconstruct_with_prior(
     :func:`accumulate_particles` (e.g. the same particles with several priors).
     ``spectrum``: the prior variance of the guidance's Gaussian approximation
     (:data:`SPECTRA`; "protein" needs ``mass_kda``; default "protein" when the mass is
-    given, else "white"). ``antithetic``: the samples come in antithetic pairs (an even
-    ``n_samples``; :func:`~cryoprior.solvers.dps.dps_sample`), whose mean is a far better
-    estimate of the posterior mean than as many independent samples'.
+    given, else "white"). ``antithetic``: the samples come in antithetic pairs
+    (:func:`~cryoprior.solvers.dps.dps_sample`), whose mean is a far better estimate of the
+    posterior mean than as many independent samples' (measured in
+    ``benchmarks/results/native_antithetic.md``); default: pairs whenever ``n_samples``
+    is even.
     """
     check_volume_prior(prior)
     require(guidance in GUIDANCES, f"guidance must be one of {GUIDANCES}, got {guidance!r}")
     spectrum = choose_spectrum(spectrum, mass_kda)
+    if antithetic is None:
+        antithetic = n_samples % 2 == 0
     t0 = time.perf_counter()
     if data is None:
         plan = prior_grid_plan(prior, source.box, source.pixel_size)
