@@ -21,7 +21,8 @@ Methods, all at the known poses and CTFs, all on the same 64³ grid at 1.5 Å/px
           (half-quadratic splitting, DPIR/Blush-style; ``solvers.map_baselines``);
   prior   diffusion posterior sampling with the native prior (--guidance, default
           "pigdm_dc": Π-GDM plus a proximal data-consistency step; DDIM, --steps 20),
-          the mean of --samples samples, and their per-voxel spread.
+          the mean of --samples samples, drawn in antithetic pairs (the default;
+          --independent-samples: independently), and their per-voxel spread.
 The intensity scale for pnp and prior comes from the DC terms of the acquisition's images
 and the mass from the sequence (never from the ground truth).
 
@@ -32,7 +33,9 @@ reconstruction (statistics included). Spread calibration: the fraction of voxels
 |truth_B − mean| ≤ 2·std inside that mask and inside a molecular mask (truth > 5 % of its
 maximum, dilated by 2 px), and per Fourier shell, against truth_B = the truth with the
 images' 60 Å² envelope applied (the map the data measure); a calibrated posterior of K
-samples gives P(|t_{K−1}| ≤ 2/√(1 + 1/K)) (0.83 for K = 4).
+independent samples gives P(|t_{K−1}| ≤ 2/√(1 + 1/K)) (0.83 for K = 4), of K/2
+antithetic pairs P(|t_{K/2}| ≤ 2√(K/(K − 1))) (0.85 for K = 4;
+``cryoprior.metrics.calibration``).
 
 Results are written after every cell, so a killed run resumes where it stopped (cells
 already in the JSON are skipped); ``--proteins``/``--snr``/``--n`` select a subset.
@@ -40,6 +43,8 @@ already in the JSON are skipped); ``--proteins``/``--snr``/``--n`` select a subs
     python benchmarks/native_reconstruction.py                # the full grid
     python benchmarks/native_reconstruction.py --quick        # smoke run, 1 protein
     python benchmarks/native_reconstruction.py --large        # + one 128³ run (time, memory)
+    python benchmarks/native_reconstruction.py --redo-prior native_spectrum --name X ...
+                                         # only the prior's entries of another result's cells
 Writes benchmarks/results/native_reconstruction.{json,md,png}.
 """
 
@@ -450,6 +455,7 @@ def run_large(prior, rec, args, work: Path) -> dict:
         mass_kda=mass,
         intensity=scale,
         spectrum=args.spectrum,
+        antithetic=args.antithetic and args.large_samples % 2 == 0,
         n_steps=args.steps,
         n_samples=args.large_samples,
         n_inner=args.n_inner,
@@ -475,6 +481,7 @@ def run_large(prior, rec, args, work: Path) -> dict:
             "seconds": seconds,
             "sampling_seconds": post.seconds["sampling"],
             "spectrum": post.info["spectrum"],
+            "antithetic": post.info["antithetic"],
         },
         "peak_rss_mb_before": rss0,
         "peak_rss_mb": peak_rss_mb(),
@@ -513,18 +520,29 @@ def summarise(result: dict) -> str:
         f"grid, same particles, same mask ({result.get('mask')}). "
         f"Prior `{Path(str(result.get('prior'))).name}`"
         f" ({result.get('prior_training_steps')} training steps), Π-GDM, "
-        f"{result.get('steps')} DDIM steps, mean of {result.get('samples')} samples; "
+        f"{result.get('steps')} DDIM steps, mean of {result.get('samples')} samples"
+        + (" (antithetic pairs)" if result.get("antithetic") else "")
+        + "; "
         f"denoiser-only: {result.get('pnp_iter')} HQS iterations. "
         + "Commands: "
         + "; ".join(f"`{c}`" for c in result.get("commands") or [result.get("command")])
         + "."
+        + (
+            f" The other methods' entries (and the earlier prior entries) come from "
+            f"`{result['redo_prior_from']}`: "
+            + "; ".join(f"`{c}`" for c in result["base_commands"])
+            + "."
+            if result.get("base_commands")
+            else ""
+        )
         + (
             " Denoiser-only entries recomputed with the preconditioned data-consistency "
             f"solves (commit {', '.join(pnp_commits)}): `{result['pnp_redo_command']}`."
             if pnp_commits and result.get("pnp_redo_command")
             else ""
         )
-        + _redone_note(rows, result.get("redo_baselines_commands") or []),
+        + _redone_note(rows, result.get("redo_baselines_commands") or [])
+        + (f" {result['note']}" if result.get("note") else ""),
         "",
         "FSC 0.143 vs truth, Å, mean ± std over proteins (lower is finer):",
         "",
@@ -546,19 +564,30 @@ def summarise(result: dict) -> str:
             + " | ".join(f"{vals[m][0]:.2f} ± {vals[m][1]:.2f}" for m in METHODS)
             + f" | {ratio:.2f} | {ms(sel, 'prior', 'seconds')[0]:.0f} |"
         )
-    if rows and all("prior_white" in r for r in rows):
+    for key, label in PREVIOUS.items():
+        if not (rows and all(key in r for r in rows)):
+            continue
+        now = (
+            "antithetic pairs, protein spectrum"
+            if result.get("antithetic")
+            else "protein spectrum, independent samples"
+        )
         lines += [
             "",
-            "The prior's entries above use the protein spectrum for r_t² (the default); "
-            f"the same cells with the white r_t² of `{result.get('redo_prior_from')}` "
-            "(the same seeds and grid; in the cells whose baselines were recomputed, "
-            "another draw of the particles — a simulation of another size):",
+            f"The prior's entries above ({now}) against the same cells' entries with "
+            f"{label}, the same seeds and grid"
+            + (
+                " (in the cells whose baselines were recomputed, another draw of the "
+                "particles — a simulation of another size):"
+                if key == "prior_white"
+                else ", the same particles:"
+            ),
             "",
-            "| SNR | N | prior mean, white r_t² | prior mean, protein spectrum |",
+            f"| SNR | N | prior mean, {label} | prior mean, {now} |",
             "|---|---|---|---|",
         ]
         for snr, n, sel in cells:
-            w, p = ms(sel, "prior_white", "fsc0143"), ms(sel, "prior", "fsc0143")
+            w, p = ms(sel, key, "fsc0143"), ms(sel, "prior", "fsc0143")
             lines.append(f"| {snr:g} | {n} | {w[0]:.2f} ± {w[1]:.2f} | {p[0]:.2f} ± {p[1]:.2f} |")
     lines += [
         "",
@@ -729,6 +758,14 @@ def merge(args: argparse.Namespace) -> dict:
             if c not in merged["redo_baselines_commands"]:
                 merged["redo_baselines_commands"].append(c)
     merged["commands"] = [c for c in merged["commands"] if "--redo-baselines" not in c]
+    source = merged.get("redo_prior_from")
+    if source and source != args.name and (out / f"{source}.json").is_file():
+        # the redone prior entries sit beside the other methods' entries of FROM's passes
+        base = load_result(out / f"{source}.json")
+        merged["base_commands"] = base.get("commands") or [base.get("command")]
+        for c in base.get("redo_baselines_commands", []):
+            if c not in merged.setdefault("redo_baselines_commands", []):
+                merged["redo_baselines_commands"].append(c)
     if args.timing:
         merged["timing"] = timing_entry(load_result(out / f"{args.timing}.json"), args.timing)
     save_result(merged, out, args.name)
@@ -789,7 +826,15 @@ def main() -> None:
     ap.add_argument(
         "--antithetic",
         action="store_true",
-        help="draw the posterior samples in antithetic pairs (an even --samples)",
+        default=True,
+        help="draw the posterior samples in antithetic pairs, an even --samples (the "
+        "default, as reconstruct_with_prior's)",
+    )
+    ap.add_argument(
+        "--independent-samples",
+        dest="antithetic",
+        action="store_false",
+        help="draw the posterior samples independently (the grids before antithetic pairs)",
     )
     ap.add_argument(
         "--redo-prior",
@@ -821,6 +866,8 @@ def main() -> None:
         args.out = tempfile.mkdtemp(prefix="cryoprior_quick_")
     if args.large_only:
         args.proteins, args.large = [], True
+    if args.antithetic and args.samples % 2 and not args.merge:
+        raise SystemExit("antithetic pairs need an even --samples: or --independent-samples")
     result = merge(args) if args.merge else run(args)
     print(summarise(result))
     print(f"wrote {Path(args.out) / args.name}.json / .md / .png")
