@@ -23,7 +23,8 @@ whose every random draw (the start x_T and each step's injected noise) is the ot
 negative. Each sample is still a draw of the same sampler; the pair's mean cancels the
 part of the samples' spread that is odd in the noise (antithetic variates). For a
 Gaussian prior and a linear A every step is affine in the noise, so a pair's mean is the
-posterior mean exactly; with a learned prior it removes the random detail that the
+same for every draw (for "pigdm" and "dps_x0", the posterior mean up to time
+discretisation); with a learned prior it removes the random detail that the
 sampler invents where the data are silent (fine shells at many particles), which
 dominates the Monte-Carlo error of a mean of a few independent samples.
 
