@@ -219,8 +219,9 @@ def prior_entry(prior, source, data, scale, mass, truth, truth_b, px, masks, arg
         "commit": git_commit(),
     }
     if samples.shape[0] >= 2:
-        cal = spread_calibration(truth_b, samples, sphere, px, antithetic=args.antithetic)
-        cal_m = spread_calibration(truth_b, samples, molecule, px, antithetic=args.antithetic)
+        pairs = post.info["antithetic"]
+        cal = spread_calibration(truth_b, samples, sphere, px, antithetic=pairs)
+        cal_m = spread_calibration(truth_b, samples, molecule, px, antithetic=pairs)
         entry["calibration"] = {
             "voxels_sphere": cal["voxels"],
             "voxels_molecule": cal_m["voxels"],
@@ -455,7 +456,7 @@ def run_large(prior, rec, args, work: Path) -> dict:
         mass_kda=mass,
         intensity=scale,
         spectrum=args.spectrum,
-        antithetic=args.antithetic and args.large_samples % 2 == 0,
+        antithetic=None if args.antithetic else False,  # pairs when the samples are even
         n_steps=args.steps,
         n_samples=args.large_samples,
         n_inner=args.n_inner,
@@ -753,23 +754,24 @@ def merge(args: argparse.Namespace) -> dict:
     for other in others:  # a pass's large-box run replaces the result's
         if other.get("large"):
             merged["large"] = other["large"]
-        for c in other.get("redo_baselines_commands", []):
-            merged.setdefault("redo_baselines_commands", [])
-            if c not in merged["redo_baselines_commands"]:
-                merged["redo_baselines_commands"].append(c)
+        _add_new(merged, "redo_baselines_commands", other.get("redo_baselines_commands", []))
     merged["commands"] = [c for c in merged["commands"] if "--redo-baselines" not in c]
     source = merged.get("redo_prior_from")
     if source and source != args.name and (out / f"{source}.json").is_file():
         # the redone prior entries sit beside the other methods' entries of FROM's passes
         base = load_result(out / f"{source}.json")
         merged["base_commands"] = base.get("commands") or [base.get("command")]
-        for c in base.get("redo_baselines_commands", []):
-            if c not in merged.setdefault("redo_baselines_commands", []):
-                merged["redo_baselines_commands"].append(c)
+        _add_new(merged, "redo_baselines_commands", base.get("redo_baselines_commands", []))
     if args.timing:
         merged["timing"] = timing_entry(load_result(out / f"{args.timing}.json"), args.timing)
     save_result(merged, out, args.name)
     return merged
+
+
+def _add_new(result: dict, key: str, commands: list[str]) -> None:
+    """Append to ``result[key]`` (created if missing) the ``commands`` it does not hold."""
+    held = result.setdefault(key, [])
+    held.extend(c for c in commands if c not in held)
 
 
 def timing_entry(timed: dict, name: str) -> dict:

@@ -114,13 +114,15 @@ def run(args: argparse.Namespace) -> dict:
                         flush=True,
                     )
                 local = [(b, e) for b in args.local_band for e in args.local_estimate]
-                for band, estimate in local if args.local else ():
+                if args.local:  # one reference and one set of starting poses for every row
+                    signal = (bfactor_blur(truth, args.envelope, px) * mask).float()
                     start_rot, start_sh = perturb_poses(
                         true_rot, true_sh, args.local_start, 1.0, seed=args.seed
                     )
+                for band, estimate in local if args.local else ():
                     t = time.perf_counter()
                     found = refine_local(
-                        (bfactor_blur(truth, args.envelope, px) * mask).float(),
+                        signal,
                         batch.images,
                         batch.ctf,
                         px,
