@@ -20,7 +20,14 @@ from cryoprior.physics.atoms import atoms_to_map
 from cryoprior.physics.simulator import SimulationConfig, simulate_particles
 from cryoprior.solvers.backprojection import randomisation_shell
 from cryoprior.solvers.pose_frames import pose_errors
-from cryoprior.solvers.refine import _randomise_limit, angular_step, lowpass, solvent_mask
+from cryoprior.solvers.refine import (
+    IterationRecord,
+    _randomise_limit,
+    _stalled,
+    angular_step,
+    lowpass,
+    solvent_mask,
+)
 
 BOX, PX = 32, 3.0
 
@@ -85,6 +92,28 @@ def test_solvent_mask_and_the_mask_corrections_start():
     assert randomisation_shell(curve, 3) == 3
     assert randomisation_shell(curve, 8) == 4  # below 0.8 from shell 4
     assert randomisation_shell(np.ones(9), 6) == 6  # never below
+
+
+def test_stopping_rule_compares_local_iterations_only():
+    """A spuriously fine FSC of a global iteration (seen at iteration 0 of low-SNR runs)
+    must not stop a run whose local iterations still improve; flat local ones do stop."""
+
+    def history(kinds_fsc):
+        return [
+            IterationRecord(i, kind, 7.0, 2.0, f, f, None, None, 1.0)
+            for i, (kind, f) in enumerate(kinds_fsc)
+        ]
+
+    improving = history(
+        [("global", 4.1), ("global", 12.3), ("local", 9.3), ("local", 9.2), ("local", 9.1)]
+    )
+    assert not _stalled(improving, patience=2, first_local=2)
+    flat = history(
+        [("global", 12.0), ("global", 10.0), ("local", 9.3), ("local", 9.3), ("local", 9.4)]
+    )
+    assert _stalled(flat, patience=2, first_local=2)
+    # too few local iterations to judge
+    assert not _stalled(flat[:4], patience=2, first_local=2)
 
 
 def test_cli_refine_finds_poses_resumes_and_writes_a_star_that_reconstructs(stack, tmp_path):
