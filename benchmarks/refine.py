@@ -245,6 +245,8 @@ def run_one(kind, blind, truth_particles, truth, rec, px, sphere, work, prior, a
 
 #: refine's schedule before this commit: exactly two global searches, at >= 10 Å
 SCHEDULE_COMMIT = "7d6e22d"
+#: the stopping rule compares local iterations only since this commit
+STOP_RULE_COMMIT = "ec17ac9"
 
 
 def _before(commit: str | None, ref: str = SCHEDULE_COMMIT) -> bool:
@@ -263,9 +265,38 @@ def _before(commit: str | None, ref: str = SCHEDULE_COMMIT) -> bool:
     return run.returncode == 1
 
 
+def _iteration_cap(row: dict) -> int:
+    """The run's --iterations: recorded in the row, else in its command, else the default
+    of its time (8 before :data:`SCHEDULE_COMMIT`, 12 since)."""
+    if "iterations" in row:
+        return int(row["iterations"])
+    words = row.get("command", "").split()
+    if "--iterations" in words:
+        return int(words[words.index("--iterations") + 1])
+    return 8 if _before(row.get("commit")) else 12
+
+
+def _cut_short(row: dict) -> bool:
+    """Whether the stopping rule before :data:`STOP_RULE_COMMIT` ended this run early: it
+    stopped before its last iteration although its local iterations were still improving
+    (the rule then compared them with a spuriously fine FSC of a global iteration)."""
+    from cryoprior.solvers.refine import IterationRecord, _stalled
+
+    its = row["metrics"].get("iterations") or []
+    if not its or not _before(row.get("commit"), STOP_RULE_COMMIT):
+        return False
+    if len(its) >= _iteration_cap(row):
+        return False
+    fields = IterationRecord.__dataclass_fields__
+    history = [IterationRecord(**{k: v for k, v in i.items() if k in fields}) for i in its]
+    first_local = sum(r.search == "global" for r in history)
+    return not _stalled(history, 2, first_local)
+
+
 def summarise(result: dict) -> str:
     rows = result["rows"]
     old = {id(r) for r in rows if r["run"] != "wiener" and _before(r.get("commit"))}
+    short = {id(r) for r in rows if _cut_short(r)}
     lines = [
         "# Refinement without given poses (issue 18)",
         "",
@@ -298,7 +329,8 @@ def summarise(result: dict) -> str:
         lines.append(
             f"| {r['protein']} | {r['snr']:g} | {r.get('n', result['n'])} | {label}"
             f"{'' if 'commit' in r or r['run'] == 'wiener' else ' †'}"
-            f"{' ‡' if id(r) in old else ''} | {m['fsc0143']:.2f} | "
+            f"{' ‡' if id(r) in old else ''}{' §' if id(r) in short else ''} | "
+            f"{m['fsc0143']:.2f} | "
             f"{halves} | {rot} | {within} | {shift} | {m.get('hand', '—')} | "
             f"{m['seconds']:.0f} |"
         )
@@ -316,6 +348,15 @@ def summarise(result: dict) -> str:
             f"‡ run before commit {SCHEDULE_COMMIT}: exactly two global searches (the second "
             "at 10 Å); since then global searches continue while the last one moved the poses "
             "by more than 10° on average (up to six, at 7 Å)",
+        ]
+    if short:
+        lines += [
+            "",
+            f"§ stopped early by the stopping rule before commit {STOP_RULE_COMMIT}: it "
+            "compared the local iterations with a spuriously fine half-map FSC of iteration 0 "
+            "(the mask correction of maps aligned to a common 30 Å start) and so ended the run "
+            "while its local iterations were still improving; the rule now compares "
+            "local iterations only",
         ]
     lines += [""]
     return "\n".join(lines)
@@ -364,7 +405,9 @@ def merge(args: argparse.Namespace) -> dict:
     others = []
     for other in args.merge:
         data = json.loads((out / f"{other}.json").read_text())
-        data["rows"] = [{"n": data["n"]} | r for r in data["rows"]]
+        data["rows"] = [
+            {"n": data["n"], "iterations": data["iterations"]} | r for r in data["rows"]
+        ]
         others.append(data)
     order = {k: i for i, k in enumerate(RUNS)}
 
@@ -434,6 +477,7 @@ def run(args: argparse.Namespace) -> dict:
                         "metrics": metrics,
                         "command": " ".join(sys.argv),
                         "n": args.n,
+                        "iterations": args.iterations,
                         "commit": COMMIT,
                     }
                     result["rows"].append(row)
