@@ -353,8 +353,8 @@ def summarise(result: dict) -> str:
         lines += [
             "",
             f"§ stopped early by the stopping rule before commit {STOP_RULE_COMMIT}: it "
-            "compared the local iterations with a spuriously fine half-map FSC of iteration 0 "
-            "(the mask correction of maps aligned to a common 30 Å start) and so ended the run "
+            "compared the local iterations with the half-map FSC of iteration 0, spuriously fine "
+            "because both halves were then aligned to the one 30 Å start, and so ended the run "
             "while its local iterations were still improving; the rule now compares "
             "local iterations only",
         ]

@@ -453,11 +453,12 @@ def _stalled(history: list[IterationRecord], patience: int, first_local: int) ->
     """Whether the last ``patience`` local iterations gave no finer FSC than the local
     iterations before them (the first ``first_local`` records are global searches).
 
-    Global iterations are not compared: their FSC is read at a capped band from half maps
-    of particles aligned to a common low-pass start, and the mask correction of such maps
-    can report a spuriously fine value (measured: 3.2–5.1 Å at iteration 0 of runs that
-    ended at 9–19 Å), which would stop the loop after ``patience`` local iterations
-    however much they still improved.
+    Global iterations are not compared. At iteration 0 both halves were aligned to the one
+    initial model, so they are not yet independent: the same reference-driven assignments
+    (a few aligned particles, the rest in consistent wrong orientations) make them agree
+    far beyond their true resolution (measured: 3.2–5.1 Å at iteration 0 of low-SNR runs
+    that ended at 9–19 Å). Compared with that, the local iterations would never count as
+    finer and the loop would stop after ``patience`` of them however much they improved.
     """
     if patience < 1 or len(history) < first_local + patience + 1:
         return False
@@ -579,6 +580,7 @@ def refine(
         log(
             f"iteration {it}: {search} search (band {band:.1f} Å, step {step:.2f}°), "
             f"half-map FSC 0.143 {res:.2f} Å"
+            + (" (both halves aligned to the one start: not yet independent)" if it == 0 else "")
             + ("" if change is None else f", mean pose change {change:.2f}°")
             + ", "
             f"{record.seconds:.0f} s"
