@@ -114,12 +114,13 @@ def run(args: argparse.Namespace) -> dict:
                         flush=True,
                     )
                 local = [(b, e) for b in args.local_band for e in args.local_estimate]
-                if args.local:  # one reference and one set of starting poses for every row
+                local = local if args.local else []
+                if local:  # one reference and one set of starting poses for every row
                     signal = (bfactor_blur(truth, args.envelope, px) * mask).float()
                     start_rot, start_sh = perturb_poses(
                         true_rot, true_sh, args.local_start, 1.0, seed=args.seed
                     )
-                for band, estimate in local if args.local else ():
+                for band, estimate in local:
                     t = time.perf_counter()
                     found = refine_local(
                         signal,

@@ -280,7 +280,7 @@ def _cut_short(row: dict) -> bool:
     """Whether the stopping rule before :data:`STOP_RULE_COMMIT` ended this run early: it
     stopped before its last iteration although its local iterations were still improving
     (the rule then compared them with a spuriously fine FSC of a global iteration)."""
-    from cryoprior.solvers.refine import IterationRecord, _stalled
+    from cryoprior.solvers.refine import IterationRecord, RefineConfig, _stalled
 
     its = row["metrics"].get("iterations") or []
     if not its or not _before(row.get("commit"), STOP_RULE_COMMIT):
@@ -289,8 +289,7 @@ def _cut_short(row: dict) -> bool:
         return False
     fields = IterationRecord.__dataclass_fields__
     history = [IterationRecord(**{k: v for k, v in i.items() if k in fields}) for i in its]
-    first_local = sum(r.search == "global" for r in history)
-    return not _stalled(history, 2, first_local)
+    return not _stalled(history, RefineConfig().patience)
 
 
 def summarise(result: dict) -> str:

@@ -107,13 +107,13 @@ def test_stopping_rule_compares_local_iterations_only():
     improving = history(
         [("global", 4.1), ("global", 12.3), ("local", 9.3), ("local", 9.2), ("local", 9.1)]
     )
-    assert not _stalled(improving, patience=2, first_local=2)
+    assert not _stalled(improving, patience=2)
     flat = history(
         [("global", 12.0), ("global", 10.0), ("local", 9.3), ("local", 9.3), ("local", 9.4)]
     )
-    assert _stalled(flat, patience=2, first_local=2)
+    assert _stalled(flat, patience=2)
     # too few local iterations to judge
-    assert not _stalled(flat[:4], patience=2, first_local=2)
+    assert not _stalled(flat[:4], patience=2)
 
 
 def test_cli_refine_finds_poses_resumes_and_writes_a_star_that_reconstructs(stack, tmp_path):

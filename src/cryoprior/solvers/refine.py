@@ -345,9 +345,9 @@ def _search_kind(history: list[IterationRecord], config: RefineConfig) -> str:
     return "local"
 
 
-def _stalled(history: list[IterationRecord], patience: int, first_local: int) -> bool:
+def _stalled(history: list[IterationRecord], patience: int) -> bool:
     """Whether the last ``patience`` local iterations gave no finer FSC than the local
-    iterations before them (the first ``first_local`` records are global searches).
+    iterations before them (global searches come first: :func:`_search_kind`).
 
     Global iterations are not compared. At iteration 0 both halves were aligned to the one
     initial model, so they are not yet independent: the same reference-driven assignments
@@ -356,6 +356,7 @@ def _stalled(history: list[IterationRecord], patience: int, first_local: int) ->
     that ended at 9–19 Å). Compared with that, the local iterations would never count as
     finer and the loop would stop after ``patience`` of them however much they improved.
     """
+    first_local = sum(r.search == "global" for r in history)
     if patience < 1 or len(history) < first_local + patience + 1:
         return False
     before = min(r.fsc0143 for r in history[first_local:-patience])
@@ -482,8 +483,7 @@ def refine(
             f"{record.seconds:.0f} s"
         )
         band = max(config.band_factor * res, nyquist)
-        first_local = sum(r.search == "global" for r in history)
-        if search == "local" and _stalled(history, config.patience, first_local):
+        if search == "local" and _stalled(history, config.patience):
             log(f"no finer FSC for {config.patience} iterations: stopping")
             break
     if rec is None:  # resumed a finished run: rebuild its maps from the saved poses
